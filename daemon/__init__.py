@@ -1,0 +1,1 @@
+"""The tlsbridge daemon: terminates and originates TLS, joins each connection to Kamailio by a hairpin."""

@@ -1,0 +1,214 @@
+"""`tlsbridge`: one command for the daemon and for talking to it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tlsbridge.daemon.config import DEFAULT_CONFIG, Config, ConfigError, load_config
+
+EXAMPLES = """\
+examples:
+  tlsbridge run -c /etc/tlsbridge/tlsbridge.toml    run the daemon in the foreground
+  tlsbridge check -c tlsbridge.toml                  check configuration and certificates
+  tlsbridge status                                   table of live connections
+  tlsbridge lookup --hairpin 127.0.0.1:40312         TLS facts of one connection
+  tlsbridge events --json                            follow connection events
+  tlsbridge dev-certs run/certs                      a development CA and server certificate
+
+The configuration file is -c FILE, else $TLSBRIDGE_CONFIG, else /etc/tlsbridge/tlsbridge.toml.
+"""
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config or os.environ.get("TLSBRIDGE_CONFIG") or DEFAULT_CONFIG)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _config(args)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from tlsbridge.daemon.server import run
+
+    run(config)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from tlsbridge.daemon.tls_context import server_context
+
+    config = _config(args)
+    for name, profile in config.profiles.items():
+        server_context(profile)
+        print(f"profile {name}: certificate {profile.certificate} ok")
+    for lst in config.listeners:
+        print(f"listener {lst.address} -> profile {lst.profile}")
+    print(f"hairpin -> {config.hairpin.host}:{config.hairpin.port} "
+          f"(PROXY v{config.hairpin.proxy_protocol})")
+    print(f"events  {config.events_endpoint}\ncontrol {config.control_endpoint}")
+    return 0
+
+
+def _request(args: argparse.Namespace, op: str, **kw: Any) -> dict[str, Any]:
+    from tlsbridge.shared.client import ControlClient
+
+    endpoint = args.control or _config(args).control_endpoint
+    client = ControlClient(endpoint, timeout_ms=int(args.timeout * 1000))
+    try:
+        return client.request(op, **kw)
+    finally:
+        client.close()
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    reply = _request(args, "ping")
+    print(f"pong from pid {reply['pid']}, up {reply['uptime']:.0f} s")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    reply = _request(args, "stats")
+    reply.pop("v", None), reply.pop("id", None), reply.pop("ok", None)
+    print(json.dumps(reply, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    key = {"hairpin": args.hairpin, "peer": args.peer, "id": args.id}
+    reply = _request(args, "lookup", **{k: v for k, v in key.items() if v is not None})
+    print(json.dumps({"conn": reply["conn"], "tls": reply["tls"]}, indent=2))
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    _request(args, "kill", id=args.conn_id)
+    print(f"connection {args.conn_id} closed")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    conns = _request(args, "list")["conns"]
+    if args.json:
+        print(json.dumps(conns, indent=2))
+        return 0
+    row = "{:>6} {:3} {:24} {:20} {:8} {:24} {:>8} {:>10} {:>10}"
+    print(row.format("ID", "DIR", "PEER", "SNI", "VERSION", "CIPHER", "AGE", "IN", "OUT"))
+    for c in conns:
+        tls = c["tls"] or {}
+        print(row.format(c["conn"]["id"], c["conn"]["direction"], c["conn"]["peer"],
+                         tls.get("sni") or "-", tls.get("version", "-"), tls.get("cipher", "-"),
+                         f"{c['age']:.0f}s", c["bytes_in"], c["bytes_out"]))
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    import zmq
+
+    from tlsbridge.shared.events import decode_event
+
+    endpoint = args.events or _config(args).events_endpoint
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.setsockopt(zmq.SUBSCRIBE, args.filter.encode())
+    sock.connect(endpoint)
+    end = time.monotonic() + args.duration if args.duration else None
+    try:
+        while end is None or time.monotonic() < end:
+            if not sock.poll(200):
+                continue
+            event = decode_event(sock.recv_multipart())
+            if args.json:
+                print(json.dumps(event.to_dict(), default=str), flush=True)
+            else:
+                conn = event.conn
+                who = f" id={conn.id} {conn.direction} peer={conn.peer}" if conn else ""
+                extra = " ".join(f"{k}={v}" for k, v in event.fields.items() if k != "tls")
+                print(f"{time.strftime('%H:%M:%S', time.localtime(event.ts))} "
+                      f"{event.type}{who} {extra}".rstrip(), flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close(linger=0)
+    return 0
+
+
+def cmd_dev_certs(args: argparse.Namespace) -> int:
+    from tlsbridge.daemon.devcerts import ensure_dev_certs
+
+    created = ensure_dev_certs(Path(args.directory), args.name or ["localhost"],
+                               args.ip or ["127.0.0.1", "::1"])
+    print(f"{'created' if created else 'kept existing'} certificates in {args.directory}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tlsbridge",
+        description="TLS offload for Kamailio: the daemon, and commands to talk to it.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help="configuration file (TOML)")
+    client = argparse.ArgumentParser(add_help=False, parents=[common])
+    client.add_argument("--control", help="control endpoint (default: from the configuration)")
+    client.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for a reply")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("run", parents=[common], help="run the daemon (foreground)").set_defaults(
+        func=cmd_run)
+    sub.add_parser("check", parents=[common], help="check configuration and certificates"
+                   ).set_defaults(func=cmd_check)
+    sub.add_parser("ping", parents=[client], help="is the daemon answering?").set_defaults(
+        func=cmd_ping)
+    sub.add_parser("stats", parents=[client], help="counters").set_defaults(func=cmd_stats)
+    p = sub.add_parser("status", parents=[client], help="table of live connections")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("lookup", parents=[client], help="TLS facts of one connection")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--hairpin", help="the hairpin's daemon-side address ip:port")
+    g.add_argument("--peer", help="the TLS peer's address ip:port")
+    g.add_argument("--id", type=int, help="the connection id")
+    p.set_defaults(func=cmd_lookup)
+    p = sub.add_parser("kill", parents=[client], help="close a connection")
+    p.add_argument("conn_id", type=int, metavar="ID")
+    p.set_defaults(func=cmd_kill)
+    p = sub.add_parser("events", parents=[common], help="follow connection events")
+    p.add_argument("--events", help="events endpoint (default: from the configuration)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--filter", default="", help="event type prefix, e.g. 'conn.' or 'tls.'")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.set_defaults(func=cmd_events)
+    p = sub.add_parser("dev-certs", help="create a development CA and server certificate")
+    p.add_argument("directory")
+    p.add_argument("--name", action="append", help="DNS name (repeatable; default localhost)")
+    p.add_argument("--ip", action="append", help="IP address (repeatable; default loopback)")
+    p.set_defaults(func=cmd_dev_certs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tlsbridge.shared.control import ControlError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"tlsbridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ControlError as exc:
+        print(f"tlsbridge: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The daemon's one Config object, loaded from TOML and checked before anything starts."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tlsbridge.shared.addr import parse_addr
+from tlsbridge.shared.settings import DEFAULT_RUN_DIR, endpoint_of, run_dir_of
+
+DEFAULT_CONFIG = "/etc/tlsbridge/tlsbridge.toml"
+VERIFY_MODES = ("off", "optional", "on")
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot run; the message names the file and the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerProfile:
+    name: str
+    certificate: Path
+    private_key: Path
+    ca_list: Path | None = None
+    verify_client: str = "off"
+    verify_depth: int = 9
+    min_version: str = "TLSv1.2"
+    max_version: str = "TLSv1.3"
+    ciphers: str | None = None
+    alpn: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    host: str
+    port: int
+    profile: str
+
+    @property
+    def address(self) -> str:
+        from tlsbridge.shared.addr import format_addr
+
+        return format_addr(self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Hairpin:
+    host: str
+    port: int
+    proxy_protocol: int = 1
+    source_ip: str = "127.0.0.1"
+    connect_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    run_dir: Path
+    hairpin: Hairpin
+    listeners: tuple[Listener, ...]
+    profiles: dict[str, ServerProfile]
+    events_endpoint: str
+    control_endpoint: str
+    events_hwm: int = 100_000
+    log_level: str = "info"
+    handshake_timeout: float = 10.0
+    max_buffer: int = 256 * 1024
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Section:
+    """Typed access to one TOML table; every error names file and dotted key."""
+
+    def __init__(self, path: Path, prefix: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: '{prefix}' must be a table")
+        self.path, self.prefix, self.data = path, prefix, data
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.path}: key '{self._key(key)}': {message}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if key not in self.data:
+            if default is ...:
+                raise self.fail(key, "is required")
+            return default
+        value = self.data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+            name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise self.fail(key, f"must be a {name}, got {value!r}")
+        return value
+
+    def choice(self, key: str, choices: tuple[Any, ...], default: Any) -> Any:
+        value = self.data.get(key, default)
+        if value not in choices:
+            raise self.fail(key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+
+    def positive(self, key: str, kind: type, default: Any) -> Any:
+        value = self.get(key, kind, default)
+        if value <= 0:
+            raise self.fail(key, f"must be > 0, got {value!r}")
+        return value
+
+    def file(self, key: str, base: Path, required: bool = True) -> Path | None:
+        raw = self.get(key, str, ... if required else None)
+        if raw is None:
+            return None
+        p = (base / raw).resolve()
+        if not p.is_file():
+            raise self.fail(key, f"file {p} does not exist or is not a regular file")
+        if not os.access(p, os.R_OK):
+            raise self.fail(key, f"file {p} is not readable")
+        return p
+
+    def address(self, key: str, default: Any = ...) -> tuple[str, int]:
+        raw = self.get(key, str, default)
+        try:
+            return parse_addr(raw)
+        except ValueError as exc:
+            raise self.fail(key, str(exc)) from None
+
+    def sub(self, key: str, default: Any = ...) -> _Section:
+        return _Section(self.path, self._key(key), self.get(key, dict, default))
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and check a TOML file; raises ConfigError with a message an operator can act on."""
+    p = Path(path).resolve()
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such configuration file") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return _build(p, _Section(p, "", raw))
+
+
+def _build(path: Path, root: _Section) -> Config:
+    base = path.parent
+    daemon = root.sub("daemon", {})
+    daemon.get("run_dir", str, DEFAULT_RUN_DIR)
+    run_dir = run_dir_of(root.data, base)
+    profiles = _profiles(root, base)
+    listeners = _listeners(root, profiles)
+    kam = root.sub("kamailio")
+    host, port = kam.address("hairpin")
+    hairpin = Hairpin(
+        host=host,
+        port=port,
+        proxy_protocol=kam.choice("proxy_protocol", (1, 2), 1),
+        source_ip=kam.get("source_ip", str, "127.0.0.1"),
+        connect_timeout=kam.positive("connect_timeout", float, 5.0),
+    )
+    zmq = root.sub("zmq", {})
+    return Config(
+        path=path,
+        run_dir=run_dir,
+        hairpin=hairpin,
+        listeners=listeners,
+        profiles=profiles,
+        events_endpoint=_endpoint(zmq, "events", run_dir),
+        control_endpoint=_endpoint(zmq, "control", run_dir),
+        events_hwm=zmq.positive("events_hwm", int, 100_000),
+        log_level=daemon.choice("log_level", ("debug", "info", "warning", "error"), "info"),
+        handshake_timeout=daemon.positive("handshake_timeout", float, 10.0),
+        max_buffer=daemon.positive("max_buffer", int, 256 * 1024),
+    )
+
+
+def _endpoint(zmq: _Section, key: str, run_dir: Path) -> str:
+    zmq.get(key, str, "")
+    value = endpoint_of({"zmq": zmq.data}, key, run_dir)
+    if value.startswith("tcp://"):
+        # An unauthenticated tcp endpoint lets anyone on the network kill connections.
+        raise zmq.fail(key, "tcp:// endpoints need CURVE keys, not supported yet; use ipc://")
+    if not value.startswith(("ipc://", "inproc://")):
+        raise zmq.fail(key, f"must be an ipc:// endpoint, got {value!r}")
+    return value
+
+
+def _profiles(root: _Section, base: Path) -> dict[str, ServerProfile]:
+    table = root.sub("profile")
+    profiles = {}
+    for name in table.data:
+        sec = table.sub(name)
+        min_v = sec.choice("min_version", TLS_VERSIONS, "TLSv1.2")
+        max_v = sec.choice("max_version", TLS_VERSIONS, "TLSv1.3")
+        if TLS_VERSIONS.index(min_v) > TLS_VERSIONS.index(max_v):
+            raise sec.fail("min_version", f"{min_v} is above max_version {max_v}")
+        verify = sec.choice("verify_client", VERIFY_MODES, "off")
+        ca_list = sec.file("ca_list", base, required=False)
+        if verify != "off" and ca_list is None:
+            raise sec.fail("ca_list", f"is required when verify_client = {verify!r}")
+        alpn = sec.get("alpn", list, [])
+        profiles[name] = ServerProfile(
+            name=name,
+            certificate=sec.file("certificate", base),
+            private_key=sec.file("private_key", base),
+            ca_list=ca_list,
+            verify_client=verify,
+            verify_depth=sec.positive("verify_depth", int, 9),
+            min_version=min_v,
+            max_version=max_v,
+            ciphers=sec.get("ciphers", str, None),
+            alpn=tuple(str(a) for a in alpn),
+        )
+    if not profiles:
+        raise root.fail("profile", "at least one [profile.NAME] table is required")
+    return profiles
+
+
+def _listeners(root: _Section, profiles: dict[str, ServerProfile]) -> tuple[Listener, ...]:
+    items = root.get("listener", list)
+    if not items:
+        raise root.fail("listener", "at least one [[listener]] is required")
+    out = []
+    for i, item in enumerate(items):
+        sec = _Section(root.path, f"listener[{i}]", item)
+        host, port = sec.address("address")
+        profile = sec.get("profile", str, "default")
+        if profile not in profiles:
+            raise sec.fail("profile", f"no [profile.{profile}] table")
+        out.append(Listener(host, port, profile))
+    return tuple(out)

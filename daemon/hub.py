@@ -1,0 +1,255 @@
+"""The daemon's shared parts: the connection table, the event publisher and the control server."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import secrets
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+import zmq
+import zmq.asyncio
+
+from tlsbridge.shared import control as ctl
+from tlsbridge.shared import events as ev
+from tlsbridge.shared.events import ConnRef, EventEncoder
+from tlsbridge.shared.facts import TlsFacts
+
+if TYPE_CHECKING:
+    from tlsbridge.daemon.config import Config
+
+log = logging.getLogger("tlsbridge")
+
+
+class Connection(Protocol):
+    id: int
+    hairpin_key: str | None
+    facts: TlsFacts | None
+    bytes_in: int
+    bytes_out: int
+    started: float
+
+    @property
+    def ref(self) -> ConnRef: ...
+
+    def kill(self, reason: str = "killed") -> None: ...
+
+
+class Hub:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.log = log
+        self.started = time.time()
+        self.src = secrets.token_hex(8)
+        self._encoder = EventEncoder(self.src)
+        self._ids = 0
+        self.conns: dict[int, Connection] = {}
+        self.by_hairpin: dict[str, Connection] = {}
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._ctx = zmq.asyncio.Context()
+        self._pub: zmq.Socket | None = None
+        self._ctl: zmq.asyncio.Socket | None = None
+        self._ctl_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        os.makedirs(self.config.run_dir, mode=0o750, exist_ok=True)
+        pub = self._ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.SNDHWM, self.config.events_hwm)
+        pub.setsockopt(zmq.LINGER, 0)
+        _bind(pub, self.config.events_endpoint)
+        self._pub = pub
+        router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        _bind(router, self.config.control_endpoint)
+        self._ctl = router
+        self._ctl_task = asyncio.get_running_loop().create_task(self._serve_control())
+        self.publish(ev.DAEMON_STARTED, None, pid=os.getpid())
+
+    async def close(self) -> None:
+        self.publish(ev.DAEMON_STOPPING, None, pid=os.getpid())
+        if self._ctl_task:
+            self._ctl_task.cancel()
+            try:
+                await self._ctl_task
+            except asyncio.CancelledError:
+                pass
+        for sock in (self._pub, self._ctl):
+            if sock is not None:
+                sock.close(linger=0)
+        self._ctx.term()
+        for endpoint in (self.config.events_endpoint, self.config.control_endpoint):
+            if endpoint.startswith("ipc://"):
+                try:
+                    os.unlink(endpoint[len("ipc://") :])
+                except OSError:
+                    pass
+
+    # -- connection table -------------------------------------------------------------------
+
+    def next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    def register(self, conn: Connection) -> None:
+        self.conns[conn.id] = conn
+        self.counters["accepted"] += 1
+
+    def index_hairpin(self, conn: Connection) -> None:
+        if conn.hairpin_key:
+            self.by_hairpin[conn.hairpin_key] = conn
+
+    def unregister(self, conn: Connection) -> None:
+        self.conns.pop(conn.id, None)
+        if conn.hairpin_key and self.by_hairpin.get(conn.hairpin_key) is conn:
+            del self.by_hairpin[conn.hairpin_key]
+
+    def find(self, *, id: int | None = None, hairpin: str | None = None,
+             peer: str | None = None) -> Connection | None:
+        if id is not None:
+            return self.conns.get(id)
+        if hairpin is not None:
+            return self.by_hairpin.get(hairpin)
+        if peer is not None:
+            return next((c for c in self.conns.values() if c.ref.peer == peer), None)
+        return None
+
+    # -- events -----------------------------------------------------------------------------
+
+    def publish(self, type_: str, conn: ConnRef | None, **fields: Any) -> None:
+        self.counters[f"events.{type_}"] += 1
+        if type_ in (ev.TLS_FAILED, ev.HAIRPIN_FAILED, ev.CONN_CLOSED):
+            self.counters[f"{type_}.{fields.get('reason')}"] += 1
+        event, frames = self._encoder.encode(type_, conn, **fields)
+        _log_event(event)
+        if self._pub is None:
+            return
+        try:
+            # PUB drops past the HWM instead of blocking: a slow subscriber never stalls TLS.
+            self._pub.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters["events_dropped"] += 1
+
+    # -- control ----------------------------------------------------------------------------
+
+    async def _serve_control(self) -> None:
+        assert self._ctl is not None
+        while True:
+            frames = await self._ctl.recv_multipart()
+            if len(frames) < 2:
+                continue
+            identity, body = frames[0], frames[-1]
+            envelope = frames[:-1]
+            try:
+                reply = self.handle_request(body)
+            except Exception as exc:  # a bug in one op must not stop the control loop
+                log.exception("control request failed")
+                reply = ctl.encode_error(ctl.peek_id(body), ctl.INTERNAL, str(exc))
+            try:
+                await self._ctl.send_multipart([*envelope, reply], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("control reply to %r dropped: client not reading", identity)
+
+    def handle_request(self, body: bytes) -> bytes:
+        try:
+            req = ctl.decode_request(body)
+        except ctl.ControlError as exc:
+            self.counters["control.errors"] += 1
+            return ctl.encode_error(ctl.peek_id(body), exc.code, exc.message)
+        self.counters[f"control.{req.op}"] += 1
+        handler = getattr(self, f"_op_{req.op}", None)
+        if handler is None:
+            return ctl.encode_error(req.id, ctl.UNSUPPORTED, f"op {req.op!r} not available yet")
+        try:
+            return ctl.encode_reply(req.id, **handler(req.args))
+        except ctl.ControlError as exc:
+            return ctl.encode_error(req.id, exc.code, exc.message)
+
+    def _op_ping(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"pong": True, "pid": os.getpid(), "src": self.src, "uptime": self._uptime()}
+
+    def _op_lookup(self, args: dict[str, Any]) -> dict[str, Any]:
+        keys = {k: args.get(k) for k in ("id", "hairpin", "peer") if args.get(k) is not None}
+        if len(keys) != 1:
+            raise ctl.ControlError(ctl.BAD_REQUEST, "lookup takes exactly one of id, hairpin, peer")
+        (key, value), = keys.items()
+        if not isinstance(value, int if key == "id" else str):
+            raise ctl.ControlError(ctl.BAD_REQUEST, f"lookup: bad {key} {value!r}")
+        conn = self.find(**{key: value})
+        if conn is None or conn.facts is None:
+            raise ctl.ControlError(ctl.NOT_FOUND, f"no established connection with {key}={value}")
+        return _describe(conn)
+
+    def _op_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"conns": [_describe(c) for c in self.conns.values() if c.facts is not None]}
+
+    def _op_kill(self, args: dict[str, Any]) -> dict[str, Any]:
+        conn_id = args.get("id")
+        if not isinstance(conn_id, int):
+            raise ctl.ControlError(ctl.BAD_REQUEST, "kill needs an integer 'id'")
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            raise ctl.ControlError(ctl.NOT_FOUND, f"no connection with id={conn_id}")
+        conn.kill()
+        return {"killed": conn_id}
+
+    def _op_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        conns = list(self.conns.values())
+        return {
+            "uptime": self._uptime(),
+            "open": len(conns),
+            "open_in": sum(1 for c in conns if c.ref.direction == "in"),
+            "open_out": sum(1 for c in conns if c.ref.direction == "out"),
+            "bytes_in": sum(c.bytes_in for c in conns),
+            "bytes_out": sum(c.bytes_out for c in conns),
+            "counters": dict(self.counters),
+        }
+
+    def _uptime(self) -> float:
+        return round(time.time() - self.started, 3)
+
+
+def _describe(conn: Connection) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    return {
+        "conn": conn.ref.to_dict(),
+        "tls": conn.facts.to_dict() if conn.facts else None,
+        "bytes_in": conn.bytes_in,
+        "bytes_out": conn.bytes_out,
+        "age": round(loop.time() - conn.started, 3),
+    }
+
+
+def _bind(sock: zmq.Socket, endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://") :]
+        if os.path.exists(path):
+            os.unlink(path)  # a stale socket from a crashed run
+    sock.bind(endpoint)
+    if endpoint.startswith("ipc://"):
+        os.chmod(endpoint[len("ipc://") :], 0o660)
+
+
+def _log_event(event: ev.Event) -> None:
+    level = logging.INFO
+    if event.type in (ev.TLS_FAILED, ev.HAIRPIN_FAILED):
+        level = logging.WARNING
+    if not log.isEnabledFor(level):
+        return
+    parts = [f"event={event.type}"]
+    if event.conn:
+        c = event.conn
+        parts += [f"id={c.id}", f"dir={c.direction}", f"peer={c.peer}", f"hairpin={c.hairpin}"]
+    for key in ("reason", "detail", "bytes_in", "bytes_out", "duration", "pid"):
+        if key in event.fields:
+            parts.append(f"{key}={event.fields[key]!r}" if key == "detail" else
+                         f"{key}={event.fields[key]}")
+    tls = event.fields.get("tls")
+    if tls:
+        parts += [f"version={tls.get('version')}", f"cipher={tls.get('cipher')}",
+                  f"sni={tls.get('sni') or '-'}"]
+    log.log(level, " ".join(parts))

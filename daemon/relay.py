@@ -1,0 +1,345 @@
+"""One inbound TLS connection joined to its hairpin: handshake, hairpin, byte pump, close.
+
+The relay is the TLS side's asyncio protocol; `_HairpinSide` forwards the hairpin's callbacks to
+it. Bytes are never dropped: what the peer sent before the hairpin is up waits in `_pending`
+(reading paused beyond `max_buffer`), and every close publishes one `conn.closed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+from tlsbridge.daemon.engine import TlsEngine, TlsError
+from tlsbridge.shared import events as ev
+from tlsbridge.shared.addr import format_addr
+from tlsbridge.shared.events import ConnRef
+from tlsbridge.shared.facts import TlsFacts
+from tlsbridge.shared.proxy import encode_v1, encode_v2
+
+if TYPE_CHECKING:
+    from tlsbridge.daemon.config import Config, Listener
+    from tlsbridge.daemon.hub import Hub
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"
+    CONNECTING = "connecting"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class _HairpinSide(asyncio.Protocol):
+    def __init__(self, relay: InboundRelay) -> None:
+        self.relay = relay
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.from_hairpin(data)
+
+    def eof_received(self) -> bool:
+        self.relay.hairpin_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.hairpin_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.relay.pause_tls_reading("hairpin")
+
+    def resume_writing(self) -> None:
+        self.relay.resume_tls_reading("hairpin")
+
+
+class InboundRelay(asyncio.Protocol):
+    def __init__(
+        self,
+        hub: Hub,
+        config: Config,
+        listener: Listener,
+        engine_factory: Callable[[], TlsEngine],
+    ) -> None:
+        self.hub = hub
+        self.config = config
+        self.listener = listener
+        self._engine_factory = engine_factory
+        self.state = State.HANDSHAKE
+        self.id = hub.next_id()
+        self.peer = ("", 0)
+        self.hairpin_key: str | None = None
+        self.facts: TlsFacts | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.started = 0.0
+        self._tls: asyncio.Transport | None = None
+        self._hairpin: asyncio.Transport | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._paused_by: set[str] = set()
+        self._tls_done = False
+        self._hairpin_done = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- the reference events and look-ups carry -------------------------------------------
+
+    @property
+    def ref(self) -> ConnRef:
+        return ConnRef(
+            id=self.id,
+            peer=format_addr(*self.peer),
+            direction="in",
+            hairpin=self.hairpin_key,
+            listener=self.listener.address,
+        )
+
+    # -- TLS side ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        loop = asyncio.get_running_loop()
+        self._tls = transport
+        self.started = loop.time()
+        self.peer = transport.get_extra_info("peername")[:2]
+        transport.set_write_buffer_limits(high=self.config.max_buffer)
+        try:
+            self.engine = self._engine_factory()
+        except Exception as exc:  # a broken profile must not take the listener down
+            self.hub.log.error("conn %d: cannot create TLS engine: %s", self.id, exc)
+            self.state = State.CLOSED
+            transport.abort()
+            return
+        self._timer = loop.call_later(self.config.handshake_timeout, self._handshake_timeout)
+        self.hub.register(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.engine.receive(data)
+        self._pump_tls()
+
+    def eof_received(self) -> bool:
+        if self.state is not State.CLOSED:
+            self.engine.receive_eof()
+            self._pump_tls()
+        return True  # keep our sending half: Kamailio may still answer
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state is State.CONNECTING:
+            # Deliver what the peer sent once the hairpin is up, then close (see _hairpin_up).
+            self._tls_done = True
+            self._tls = None
+            return
+        if self.state is State.HANDSHAKE:
+            self._tls = None
+            self._handshake_failed("eof_in_handshake", "peer closed during the handshake")
+        elif self.state is not State.CLOSED:
+            self._close("peer_reset" if exc else "peer_closed")
+
+    def pause_writing(self) -> None:
+        if self._hairpin is not None:
+            self._hairpin.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._hairpin is not None and self.state is State.OPEN:
+            self._hairpin.resume_reading()
+
+    def _pump_tls(self) -> None:
+        try:
+            if not self.engine.handshake_done:
+                done = self.engine.handshake()
+                self._flush_tls()
+                if not done:
+                    return
+                self._handshake_complete()
+                if self.state is State.CLOSED:
+                    return
+            data = self.engine.read()
+            if data:
+                self._to_hairpin(data)
+            if self.engine.peer_closed and not self._tls_done:
+                self._tls_ended()
+        except TlsError as exc:
+            self._flush_tls()
+            if self.engine.handshake_done:
+                self._close(exc.reason, detail=exc.detail)
+            else:
+                self._handshake_failed(exc.reason, exc.detail)
+            return
+        self._flush_tls()
+
+    def _flush_tls(self) -> None:
+        out = self.engine.outgoing()
+        if out and self._tls is not None:
+            self._tls.write(out)
+
+    def _handshake_timeout(self) -> None:
+        if self.state is State.HANDSHAKE:
+            self._handshake_failed("handshake_timeout", f"{self.config.handshake_timeout:g} s")
+
+    def _handshake_failed(self, reason: str, detail: str) -> None:
+        self.hub.publish(ev.TLS_FAILED, self.ref, reason=reason, detail=detail)
+        self._close(reason, detail=detail)
+
+    def _handshake_complete(self) -> None:
+        if self._timer:
+            self._timer.cancel()
+        self.facts = self.engine.facts()
+        try:
+            sock = self._hairpin_socket()
+        except OSError as exc:
+            self._hairpin_failed(f"cannot bind hairpin source: {exc.strerror or exc}")
+            return
+        self.hub.index_hairpin(self)
+        # Published before the hairpin opens, so Kamailio can know the facts of its first message.
+        self.hub.publish(ev.TLS_ESTABLISHED, self.ref, tls=self.facts)
+        self.state = State.CONNECTING
+        asyncio.get_running_loop().create_task(self._open_hairpin(sock))
+
+    def _hairpin_socket(self) -> socket.socket:
+        # Binding before connect() gives the hairpin's local address (the correlation key
+        # Kamailio sees as $tcp(c_si):$tcp(c_sp)) before a single byte reaches Kamailio.
+        hp = self.config.hairpin
+        family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.bind((hp.source_ip, 0))
+            self.hairpin_key = format_addr(*sock.getsockname()[:2])
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _proxy_header(self) -> bytes:
+        dst = (self.listener.host, self.listener.port)
+        if self.config.hairpin.proxy_protocol == 2:
+            return encode_v2(self.peer, dst)
+        return encode_v1(self.peer, dst)
+
+    # -- hairpin side -----------------------------------------------------------------------
+
+    async def _open_hairpin(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        hp = self.config.hairpin
+        try:
+            async with asyncio.timeout(hp.connect_timeout):
+                await loop.sock_connect(sock, (hp.host, hp.port))
+            header = self._proxy_header()
+            # Kamailio needs the whole header in its first read, before any payload.
+            if sock.send(header) != len(header):
+                raise OSError("short write of the PROXY header")
+            transport, _ = await loop.create_connection(lambda: _HairpinSide(self), sock=sock)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            reason = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            self._hairpin_failed(f"{format_addr(hp.host, hp.port)}: {reason}")
+            return
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        self._hairpin_up(transport)
+
+    def _hairpin_up(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        if self.state is State.CLOSED:
+            transport.abort()
+            return
+        self._hairpin = transport
+        transport.set_write_buffer_limits(high=self.config.max_buffer)
+        self.state = State.OPEN
+        if self._pending:
+            transport.write(b"".join(self._pending))
+            self._pending.clear()
+            self._pending_size = 0
+            self.resume_tls_reading("pending")
+        if self._tls is None:  # the peer left while we were connecting
+            self._close("peer_closed")
+        elif self._tls_done:
+            self._tls_ended()
+
+    def _hairpin_failed(self, detail: str) -> None:
+        self.hub.publish(ev.HAIRPIN_FAILED, self.ref, reason="hairpin_failed", detail=detail)
+        self._close("hairpin_failed", detail=detail)
+
+    def _to_hairpin(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        if self._hairpin is not None:
+            self._hairpin.write(data)
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size > self.config.max_buffer:
+            self.pause_tls_reading("pending")
+
+    def from_hairpin(self, data: bytes) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.bytes_out += len(data)
+        try:
+            self.engine.write(data)
+        except TlsError as exc:
+            self._close(exc.reason, detail=exc.detail)
+            return
+        self._flush_tls()
+
+    def hairpin_eof(self) -> None:
+        if self.state is State.CLOSED:
+            return
+        self._hairpin_done = True
+        self.engine.close()
+        self._flush_tls()
+        if self._tls_done:
+            self._close("closed")
+
+    def hairpin_lost(self, exc: Exception | None) -> None:
+        if self.state is not State.CLOSED:
+            self._close("kamailio_reset" if exc else "kamailio_closed")
+
+    def _tls_ended(self) -> None:
+        self._tls_done = True
+        if self._hairpin is None:
+            return  # _hairpin_up passes the end on
+        if self._hairpin.can_write_eof():
+            self._hairpin.write_eof()
+        if self._hairpin_done:
+            self._close("closed")
+
+    # -- flow control -----------------------------------------------------------------------
+
+    def pause_tls_reading(self, why: str) -> None:
+        if not self._paused_by and self._tls is not None:
+            self._tls.pause_reading()
+        self._paused_by.add(why)
+
+    def resume_tls_reading(self, why: str) -> None:
+        self._paused_by.discard(why)
+        if not self._paused_by and self._tls is not None and self.state is not State.CLOSED:
+            self._tls.resume_reading()
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def kill(self, reason: str = "killed") -> None:
+        self._close(reason)
+
+    def _close(self, reason: str, *, detail: str = "") -> None:
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        if self._timer:
+            self._timer.cancel()
+        if self._hairpin is not None:
+            self._hairpin.close()  # flushes what is buffered first
+        if self._tls is not None:
+            if self.engine.handshake_done:
+                self.engine.close()
+                self._flush_tls()
+            self._tls.close()
+        duration = asyncio.get_running_loop().time() - self.started
+        self.hub.unregister(self)
+        fields = {"reason": reason, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
+        if detail:
+            fields["detail"] = detail
+        self.hub.publish(ev.CONN_CLOSED, self.ref, duration=round(duration, 6), **fields)

@@ -1,0 +1,89 @@
+"""The daemon's lifecycle: start (listeners, hub), serve until told to stop, shut down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+import ssl
+
+from tlsbridge.daemon.certinfo import cert_info_from_pem_file
+from tlsbridge.daemon.config import Config, Listener
+from tlsbridge.daemon.engine import OpenSSLEngine, TlsEngine
+from tlsbridge.daemon.hub import Hub
+from tlsbridge.daemon.relay import InboundRelay
+from tlsbridge.daemon.tls_context import server_context
+
+log = logging.getLogger("tlsbridge")
+
+
+class Server:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.hub = Hub(config)
+        self._servers: list[asyncio.Server] = []
+        self._stop = asyncio.Event()
+
+    def _engine_factory(self, listener: Listener) -> functools.partial[TlsEngine]:
+        profile = self.config.profiles[listener.profile]
+        ctx = server_context(profile)
+        local = cert_info_from_pem_file(profile.certificate)
+        return functools.partial(_openssl_server_engine, ctx, local)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Contexts first: a bad certificate refuses start-up before any port is taken.
+        factories = {lst: self._engine_factory(lst) for lst in self.config.listeners}
+        self.hub.start()
+        for lst, factory in factories.items():
+            server = await loop.create_server(
+                functools.partial(InboundRelay, self.hub, self.config, lst, factory),
+                lst.host,
+                lst.port,
+                reuse_address=True,
+                reuse_port=True,
+                backlog=4096,
+            )
+            self._servers.append(server)
+            log.info("listening for TLS on %s (profile %s)", lst.address, lst.profile)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+
+    async def serve(self) -> None:
+        await self._stop.wait()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        log.info("shutting down: %d open connections", len(self.hub.conns))
+        for server in self._servers:
+            server.close()
+        for conn in list(self.hub.conns.values()):
+            conn.kill("shutdown")
+        # Let close_notify and FINs leave before the loop goes.
+        await asyncio.sleep(0.05)
+        await self.hub.close()
+
+
+def _openssl_server_engine(ctx: ssl.SSLContext, local: object) -> TlsEngine:
+    return OpenSSLEngine(ctx, server_side=True, local_cert=local)  # type: ignore[arg-type]
+
+
+async def _main(config: Config) -> None:
+    server = Server(config)
+    await server.start()
+    try:
+        await server.serve()
+    finally:
+        await server.shutdown()
+
+
+def run(config: Config) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(_main(config))
+    else:
+        uvloop.run(_main(config))

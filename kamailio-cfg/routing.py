@@ -1,0 +1,128 @@
+# tlsbridge reference routing script for Kamailio's app_python3 (KEMI).
+#
+# A registrar and proxy for any domain, without authentication (a development default: add
+# auth before exposing it). TLS is done by the tlsbridge daemon; this script only asks the bridge
+# for the TLS facts of a message. Route names mirror Kamailio's native cfg (ksr_route_*).
+
+import os
+import site
+import sys
+
+# Kamailio embeds Debian's python3: make a virtualenv's packages importable when tlsbridge was
+# installed into one (TLSBRIDGE_VENV=/path/to/venv in Kamailio's environment).
+if os.environ.get("TLSBRIDGE_VENV"):
+    _v = sys.version_info
+    site.addsitedir(f"{os.environ['TLSBRIDGE_VENV']}/lib/python{_v.major}.{_v.minor}/site-packages")
+
+import KSR  # noqa: E402
+
+from tlsbridge.kemi import TlsBridge  # noqa: E402
+from tlsbridge.kemi.bridge import default_config_path  # noqa: E402
+
+# Reads the daemon's tlsbridge.toml (beside this script, or $TLSBRIDGE_CONFIG) for the hairpin
+# address and the ZeroMQ endpoints. Sockets are created later, in each process.
+bridge = TlsBridge(default_config_path(__file__))
+
+
+def mod_init():
+    return kamailio()
+
+
+class kamailio:
+    def child_init(self, rank):
+        return bridge.child_init(rank)
+
+    # -- the rtimer process (kamailio.cfg: rtimer "tlsb") ---------------------------------
+
+    def ksr_tlsb_timer(self, msg, evname=None):
+        return bridge.drain_events()
+
+    # -- SIP requests -----------------------------------------------------------------------
+
+    def ksr_request_route(self, msg):
+        if self.ksr_route_reqinit(msg) == -255:
+            return 1
+
+        if KSR.is_CANCEL():
+            if KSR.tm.t_check_trans() > 0:
+                self.ksr_route_relay(msg)
+            return 1
+
+        if self.ksr_route_withindlg(msg) == -255:
+            return 1
+
+        if KSR.tmx.t_precheck_trans() > 0:
+            KSR.tm.t_check_trans()
+            return 1
+        if KSR.tm.t_check_trans() == 0:
+            return 1
+
+        KSR.hdr.remove("Route")
+        if KSR.is_method_in("IS"):
+            KSR.rr.record_route()
+
+        if KSR.is_OPTIONS() and KSR.is_myself_ruri() and KSR.corex.has_ruri_user() < 0:
+            self.ksr_route_options(msg)
+            return 1
+
+        if KSR.is_REGISTER():
+            self.ksr_route_registrar(msg)
+            return 1
+
+        if KSR.corex.has_ruri_user() < 0:
+            KSR.sl.sl_send_reply(484, "Address Incomplete")
+            return 1
+
+        self.ksr_route_location(msg)
+        return 1
+
+    def ksr_route_reqinit(self, msg):
+        if KSR.maxfwd.process_maxfwd(10) < 0:
+            KSR.sl.sl_send_reply(483, "Too Many Hops")
+            return -255
+        if KSR.sanity.sanity_check(17895, 7) < 0:
+            KSR.err(f"malformed SIP request from {KSR.pv.get('$si')}:{KSR.pv.get('$sp')}\n")
+            return -255
+        return 1
+
+    def ksr_route_withindlg(self, msg):
+        if KSR.siputils.has_totag() < 0:
+            return 1
+        if KSR.rr.loose_route() > 0:
+            self.ksr_route_relay(msg)
+            return -255
+        if KSR.is_ACK():
+            if KSR.tm.t_check_trans() > 0:
+                self.ksr_route_relay(msg)
+            return -255
+        KSR.sl.sl_send_reply(404, "Not here")
+        return -255
+
+    def ksr_route_options(self, msg):
+        """OPTIONS to this server: 200, with the TLS facts for traffic through the bridge."""
+        found = bridge.connection()
+        if found is not None:
+            t = found.tls
+            KSR.hdr.append_to_reply(
+                f"X-TLS: {t.version}; {t.cipher}; sni={t.sni or '-'}; "
+                f"peer={found.conn.peer}; verified={int(t.peer_verified)}\r\n"
+            )
+        KSR.sl.sl_send_reply(200, "OK")
+
+    def ksr_route_registrar(self, msg):
+        KSR.registrar.save("location", 0)
+
+    def ksr_route_location(self, msg):
+        rc = KSR.registrar.lookup("location")
+        if rc < 0:
+            KSR.tm.t_newtran()
+            if rc in (-1, -3):
+                KSR.sl.send_reply(404, "Not Found")
+            elif rc == -2:
+                KSR.sl.send_reply(405, "Method Not Allowed")
+            return
+        self.ksr_route_relay(msg)
+
+    def ksr_route_relay(self, msg):
+        if KSR.tm.t_relay() < 0:
+            KSR.sl.sl_reply_error()

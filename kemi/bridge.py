@@ -1,0 +1,249 @@
+"""`TlsBridge`: what a KEMI routing script uses to see the TLS facts of the current message.
+
+Where the facts come from, fastest first: this worker's cache (by Kamailio's `$conid`), the
+htable the rtimer process fills from events, and a synchronous control `lookup` bounded by a
+short timeout for a first message that beat its event. Every process creates its own ZeroMQ
+sockets lazily, after fork; no threads are started (Kamailio holds the GIL while a worker idles).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from tlsbridge.shared import control as ctl
+from tlsbridge.shared import events as ev
+from tlsbridge.shared.addr import format_addr
+from tlsbridge.shared.client import ControlClient
+from tlsbridge.shared.events import ConnRef, Event, SeqTracker, decode_event
+from tlsbridge.shared.facts import TlsFacts
+from tlsbridge.shared.settings import load_settings
+
+DEFAULT_CONFIG = "/etc/tlsbridge/tlsbridge.toml"
+HTABLE = "tlsb"
+_CACHE_SIZE = 4096
+
+
+def _ksr() -> Any:
+    import KSR  # only importable inside Kamailio (or with tlsbridge.kemi.testing installed)
+
+    return KSR
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeConnection:
+    """The bridge's view of the connection a message arrived on."""
+
+    conn: ConnRef
+    tls: TlsFacts
+
+
+class TlsBridge:
+    """Create once at module level in the routing script; call `child_init` from yours."""
+
+    def __init__(
+        self,
+        config: str | os.PathLike[str] | None = None,
+        *,
+        hairpin: tuple[str, int] | None = None,
+        control: str | None = None,
+        events: str | None = None,
+        htable: str = HTABLE,
+        lookup_timeout_ms: int = 250,
+        max_drain: int = 20_000,
+    ) -> None:
+        if hairpin is None or control is None or events is None:
+            settings = load_settings(
+                config or os.environ.get("TLSBRIDGE_CONFIG") or DEFAULT_CONFIG
+            )
+            hairpin = hairpin or settings.hairpin
+            control = control or settings.control_endpoint
+            events = events or settings.events_endpoint
+        self.hairpin = hairpin
+        self.control_endpoint = control
+        self.events_endpoint = events
+        self.htable = htable
+        self.lookup_timeout_ms = lookup_timeout_ms
+        self.max_drain = max_drain
+        self._client: ControlClient | None = None
+        self._cache: OrderedDict[str, BridgeConnection] = OrderedDict()
+        self._sub: zmq.Socket | None = None
+        self._sub_pid = 0
+        self._tracker = SeqTracker()
+        self._handlers: dict[str, list[Callable[[Event], None]]] = {}
+        self.stats: dict[str, int] = {
+            "cache_hits": 0, "htable_hits": 0, "lookups": 0, "lookup_failures": 0,
+            "events": 0, "events_lost": 0, "resyncs": 0, "bad_events": 0,
+        }
+
+    # -- process lifecycle ------------------------------------------------------------------
+
+    def child_init(self, rank: int) -> int:
+        """Call from the script's child_init: drops sockets inherited across fork."""
+        self._client = None
+        self._sub = None
+        self._cache.clear()
+        return 0
+
+    # -- the current message ----------------------------------------------------------------
+
+    def from_bridge(self) -> bool:
+        """Did the current message arrive over a hairpin from the daemon?"""
+        pv = _ksr().pv
+        if (pv.get("$pr") or "").lower() != "tcp":
+            return False
+        host, port = self.hairpin
+        return pv.get("$Ri") == host and pv.get("$Rp") == port
+
+    def connection(self) -> BridgeConnection | None:
+        """The bridge's connection of the current message, or None if it is not from the bridge."""
+        if not self.from_bridge():
+            return None
+        pv = _ksr().pv
+        conid = str(pv.get("$conid"))
+        found = self._cache.get(conid)
+        if found is not None:
+            self.stats["cache_hits"] += 1
+            return found
+        key = format_addr(str(pv.get("$tcp(c_si)")), int(pv.get("$tcp(c_sp)")))
+        peer = format_addr(str(pv.get("$si")), int(pv.get("$sp")))
+        found = self._from_htable(key, peer) or self._from_daemon(key, peer)
+        if found is not None:
+            self._cache[conid] = found
+            if len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return found
+
+    def tls(self) -> TlsFacts | None:
+        """The TLS facts of the current message's connection (None: not from the bridge)."""
+        found = self.connection()
+        return found.tls if found else None
+
+    def _from_htable(self, key: str, peer: str) -> BridgeConnection | None:
+        raw = _ksr().htable.sht_get(self.htable, key)
+        if not raw:
+            return None
+        try:
+            found = _parse_entry(json.loads(raw))
+        except (ValueError, ev.EventError) as exc:
+            _ksr().warn(f"tlsbridge: bad htable entry for {key}: {exc}\n")
+            return None
+        # A hairpin port can be reused by a later connection: the peer must match as well.
+        if found.conn.peer != peer:
+            return None
+        self.stats["htable_hits"] += 1
+        return found
+
+    def _from_daemon(self, key: str, peer: str) -> BridgeConnection | None:
+        self.stats["lookups"] += 1
+        try:
+            reply = self.control.request("lookup", timeout_ms=self.lookup_timeout_ms, hairpin=key)
+            found = _parse_entry(reply)
+        except (ctl.ControlError, ValueError, ev.EventError) as exc:
+            self.stats["lookup_failures"] += 1
+            _ksr().err(f"tlsbridge: no TLS facts for hairpin {key} (peer {peer}): {exc}\n")
+            return None
+        if found.conn.peer != peer:
+            self.stats["lookup_failures"] += 1
+            _ksr().err(f"tlsbridge: hairpin {key} belongs to {found.conn.peer}, not {peer}\n")
+            return None
+        return found
+
+    @property
+    def control(self) -> ControlClient:
+        if self._client is None:
+            self._client = ControlClient(self.control_endpoint, self.lookup_timeout_ms)
+        return self._client
+
+    # -- the rtimer process -----------------------------------------------------------------
+
+    def on(self, event_type: str, handler: Callable[[Event], None]) -> None:
+        """Call `handler(event)` in the rtimer process for each event of that type."""
+        self._handlers.setdefault(event_type, []).append(handler)
+
+    def drain_events(self, *_: Any) -> int:
+        """The rtimer method: move pending events into htable. Never blocks."""
+        sub = self._events_socket()
+        resync = False
+        for _ in range(self.max_drain):
+            try:
+                frames = sub.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                event = decode_event(frames)
+            except ev.EventError as exc:
+                self.stats["bad_events"] += 1
+                _ksr().warn(f"tlsbridge: dropped a bad event: {exc}\n")
+                continue
+            self.stats["events"] += 1
+            lost_before = self._tracker.lost
+            if self._tracker.observe(event):
+                resync = True
+            self.stats["events_lost"] += self._tracker.lost - lost_before
+            self._apply(event)
+        if resync:
+            self.resync()
+        return 1
+
+    def _events_socket(self) -> zmq.Socket:
+        if self._sub is None or self._sub_pid != os.getpid():
+            sock = zmq.Context.instance().socket(zmq.SUB)
+            sock.setsockopt(zmq.RCVHWM, 200_000)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+            sock.connect(self.events_endpoint)
+            self._sub, self._sub_pid = sock, os.getpid()
+        return self._sub
+
+    def _apply(self, event: Event) -> None:
+        KSR = _ksr()
+        conn = event.conn
+        if event.type in (ev.TLS_ESTABLISHED, ev.OUTBOUND_READY) and conn and conn.hairpin:
+            entry = {"conn": conn.to_dict(), "tls": event.fields.get("tls")}
+            KSR.htable.sht_sets(self.htable, conn.hairpin, json.dumps(entry, separators=(",", ":")))
+        elif event.type == ev.CONN_CLOSED and conn and conn.hairpin:
+            raw = KSR.htable.sht_get(self.htable, conn.hairpin)
+            # Only remove the entry if it is still this connection's (ports get reused).
+            if raw and json.loads(raw).get("conn", {}).get("id") == conn.id:
+                KSR.htable.sht_rm(self.htable, conn.hairpin)
+        for handler in self._handlers.get(event.type, ()):
+            try:
+                handler(event)
+            except Exception as exc:  # a user callback must not stop the event stream
+                KSR.err(f"tlsbridge: handler for {event.type} failed: {exc!r}\n")
+
+    def resync(self) -> bool:
+        """Refill htable from the daemon's connection list (after a gap or a daemon restart)."""
+        try:
+            reply = self.control.request("list", timeout_ms=max(self.lookup_timeout_ms, 1000))
+        except ctl.ControlError as exc:
+            _ksr().warn(f"tlsbridge: resync failed: {exc}\n")
+            return False
+        self.stats["resyncs"] += 1
+        KSR = _ksr()
+        for item in reply.get("conns", ()):
+            hairpin = (item.get("conn") or {}).get("hairpin")
+            if hairpin and item.get("tls"):
+                entry = {"conn": item["conn"], "tls": item["tls"]}
+                KSR.htable.sht_sets(self.htable, hairpin, json.dumps(entry, separators=(",", ":")))
+        return True
+
+
+def _parse_entry(d: dict[str, Any]) -> BridgeConnection:
+    conn, tls = d.get("conn"), d.get("tls")
+    if not isinstance(conn, dict) or not isinstance(tls, dict):
+        raise ValueError("entry lacks conn or tls")
+    return BridgeConnection(ConnRef.from_dict(conn), TlsFacts.from_dict(tls))
+
+
+def default_config_path(script_file: str) -> Path:
+    """`tlsbridge.toml` beside the routing script, unless $TLSBRIDGE_CONFIG says otherwise."""
+    return Path(os.environ.get("TLSBRIDGE_CONFIG") or Path(script_file).with_name("tlsbridge.toml"))

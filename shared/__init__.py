@@ -1,0 +1,1 @@
+"""Contracts both sides speak: PROXY codec, TLS facts, event schema, control protocol."""

@@ -1,0 +1,45 @@
+"""One spelling of `host:port` for both sides (IPv6 in brackets), so keys compare as strings."""
+
+from __future__ import annotations
+
+import ipaddress
+
+
+def format_addr(host: str, port: int) -> str:
+    """`192.0.2.1:5061`, `[2001:db8::1]:5061`."""
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def parse_addr(text: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Inverse of format_addr; a bare host takes `default_port`. Raises ValueError."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"unclosed '[' in address {text!r}")
+        port_text = rest[1:] if rest.startswith(":") else None
+        if rest and port_text is None:
+            raise ValueError(f"garbage after ']' in address {text!r}")
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, None
+    if not host:
+        raise ValueError(f"empty host in address {text!r}")
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"address {text!r} has no port")
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port in address {text!r}")
+    return host, int(port_text)
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,66 @@
+"""A synchronous control client with a hard timeout, for the CLI and for Kamailio workers.
+
+It uses a DEALER socket (not REQ) so that a timed-out request never wedges the socket: a late
+reply is recognised by its id and thrown away. Create it after fork (child_init or lazily).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any
+
+import zmq
+
+from tlsbridge.shared import control as ctl
+
+TIMEOUT = "timeout"
+UNAVAILABLE = "unavailable"
+
+
+class ControlClient:
+    def __init__(self, endpoint: str, timeout_ms: int = 1000) -> None:
+        self.endpoint = endpoint
+        self.timeout_ms = timeout_ms
+        self._sock: zmq.Socket | None = None
+        self._pid = 0
+        self._ids = itertools.count(1)
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None or self._pid != os.getpid():
+            sock = zmq.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            # Fail at once when the daemon is not there instead of queueing for later.
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.SNDHWM, 100)
+            sock.connect(self.endpoint)
+            self._sock, self._pid = sock, os.getpid()
+        return self._sock
+
+    def request(self, op: str, timeout_ms: int | None = None, **args: Any) -> dict[str, Any]:
+        """Send one request and wait for its reply; raises ControlError (also on timeout)."""
+        timeout = self.timeout_ms if timeout_ms is None else timeout_ms
+        sock = self._socket()
+        rid = next(self._ids)
+        try:
+            sock.send_multipart([b"", ctl.encode_request(op, rid, **args)], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            if not sock.poll(timeout, zmq.POLLOUT):
+                raise ctl.ControlError(UNAVAILABLE, f"daemon not reachable at {self.endpoint}")
+            sock.send_multipart([b"", ctl.encode_request(op, rid, **args)], flags=zmq.NOBLOCK)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        end = time.monotonic() + timeout / 1000
+        while True:
+            left = int((end - time.monotonic()) * 1000)
+            if left <= 0 or not poller.poll(left):
+                raise ctl.ControlError(TIMEOUT, f"no reply from {self.endpoint} in {timeout} ms")
+            body = sock.recv_multipart()[-1]
+            if ctl.peek_id(body) == rid:
+                return ctl.decode_reply(body)
+
+    def close(self) -> None:
+        if self._sock is not None and self._pid == os.getpid():
+            self._sock.close(linger=0)
+        self._sock = None

@@ -1,0 +1,50 @@
+"""The part of the daemon's TOML that Kamailio's side needs too: where the hairpin and endpoints are.
+
+Kamailio may run as a user who cannot read the daemon's keys, so this reads only addresses.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tlsbridge.shared.addr import parse_addr
+
+DEFAULT_RUN_DIR = "/run/tlsbridge"
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeSettings:
+    run_dir: Path
+    hairpin: tuple[str, int]
+    events_endpoint: str
+    control_endpoint: str
+
+
+def run_dir_of(raw: dict[str, Any], base: Path) -> Path:
+    daemon = raw.get("daemon", {})
+    return (base / daemon.get("run_dir", DEFAULT_RUN_DIR)).resolve()
+
+
+def endpoint_of(raw: dict[str, Any], key: str, run_dir: Path) -> str:
+    """The ZeroMQ endpoint `key` ("events"/"control"): configured, or an ipc socket in run_dir."""
+    value = raw.get("zmq", {}).get(key, f"ipc://{run_dir}/{key}.sock")
+    return str(value).replace("{run_dir}", str(run_dir))
+
+
+def load_settings(path: str | Path) -> BridgeSettings:
+    p = Path(path).resolve()
+    raw = tomllib.loads(p.read_text())
+    run_dir = run_dir_of(raw, p.parent)
+    try:
+        hairpin = parse_addr(raw["kamailio"]["hairpin"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{p}: key 'kamailio.hairpin' missing or bad: {exc}") from None
+    return BridgeSettings(
+        run_dir=run_dir,
+        hairpin=hairpin,
+        events_endpoint=endpoint_of(raw, "events", run_dir),
+        control_endpoint=endpoint_of(raw, "control", run_dir),
+    )
