@@ -1,1 +1,1 @@
-"""The tlsbridge daemon: terminates and originates TLS, joins each connection to Kamailio by a hairpin."""
+"""The tlsbridge daemon: does all TLS, and joins each connection to Kamailio by a hairpin."""

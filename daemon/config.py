@@ -101,7 +101,8 @@ class _Section:
 
     def choice(self, key: str, choices: tuple[Any, ...], default: Any) -> Any:
         value = self.data.get(key, default)
-        if value not in choices:
+        # `True == 1` and `2.0 == 2`: compare types too, or `proxy_protocol = true` passes.
+        if not any(value == c and type(value) is type(c) for c in choices):
             raise self.fail(key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value
 

@@ -98,7 +98,7 @@ class OpenSSLEngine(TlsEngine):
             return False
         except ssl.SSLCertVerificationError as exc:
             raise TlsError("verify_failed", exc.verify_message or str(exc)) from None
-        except ssl.SSLEOFError:
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
             raise TlsError("eof_in_handshake", "peer closed during the handshake") from None
         except ssl.SSLError as exc:
             raise TlsError("handshake_failed", exc.reason or str(exc)) from None

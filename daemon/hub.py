@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import secrets
@@ -12,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 import zmq.asyncio
-
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
 from tlsbridge.shared.events import ConnRef, EventEncoder
@@ -74,20 +74,16 @@ class Hub:
         self.publish(ev.DAEMON_STOPPING, None, pid=os.getpid())
         if self._ctl_task:
             self._ctl_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._ctl_task
-            except asyncio.CancelledError:
-                pass
         for sock in (self._pub, self._ctl):
             if sock is not None:
                 sock.close(linger=0)
         self._ctx.term()
         for endpoint in (self.config.events_endpoint, self.config.control_endpoint):
             if endpoint.startswith("ipc://"):
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(endpoint[len("ipc://") :])
-                except OSError:
-                    pass
 
     # -- connection table -------------------------------------------------------------------
 

@@ -14,10 +14,9 @@ if os.environ.get("TLSBRIDGE_VENV"):
     _v = sys.version_info
     site.addsitedir(f"{os.environ['TLSBRIDGE_VENV']}/lib/python{_v.major}.{_v.minor}/site-packages")
 
-import KSR  # noqa: E402
-
-from tlsbridge.kemi import TlsBridge  # noqa: E402
-from tlsbridge.kemi.bridge import default_config_path  # noqa: E402
+import KSR
+from tlsbridge.kemi import TlsBridge
+from tlsbridge.kemi.bridge import default_config_path
 
 # Reads the daemon's tlsbridge.toml (beside this script, or $TLSBRIDGE_CONFIG) for the hairpin
 # address and the ZeroMQ endpoints. Sockets are created later, in each process.

@@ -32,7 +32,7 @@ def parse_addr(text: str, *, default_port: int | None = None) -> tuple[str, int]
         if default_port is None:
             raise ValueError(f"address {text!r} has no port")
         return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ValueError(f"bad port in address {text!r}")
     return host, int(port_text)
 

@@ -12,7 +12,6 @@ import time
 from typing import Any
 
 import zmq
-
 from tlsbridge.shared import control as ctl
 
 TIMEOUT = "timeout"
@@ -41,19 +40,22 @@ class ControlClient:
     def request(self, op: str, timeout_ms: int | None = None, **args: Any) -> dict[str, Any]:
         """Send one request and wait for its reply; raises ControlError (also on timeout)."""
         timeout = self.timeout_ms if timeout_ms is None else timeout_ms
+        end = time.monotonic() + timeout / 1000
         sock = self._socket()
         rid = next(self._ids)
+        frames = [b"", ctl.encode_request(op, rid, **args)]
         try:
-            sock.send_multipart([b"", ctl.encode_request(op, rid, **args)], flags=zmq.NOBLOCK)
+            sock.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
-            if not sock.poll(timeout, zmq.POLLOUT):
-                raise ctl.ControlError(UNAVAILABLE, f"daemon not reachable at {self.endpoint}")
-            sock.send_multipart([b"", ctl.encode_request(op, rid, **args)], flags=zmq.NOBLOCK)
+            # One deadline for both waits: connecting, then the reply.
+            if not sock.poll(_left_ms(end), zmq.POLLOUT):
+                msg = f"daemon not reachable at {self.endpoint}"
+                raise ctl.ControlError(UNAVAILABLE, msg) from None
+            sock.send_multipart(frames, flags=zmq.NOBLOCK)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        end = time.monotonic() + timeout / 1000
         while True:
-            left = int((end - time.monotonic()) * 1000)
+            left = _left_ms(end)
             if left <= 0 or not poller.poll(left):
                 raise ctl.ControlError(TIMEOUT, f"no reply from {self.endpoint} in {timeout} ms")
             body = sock.recv_multipart()[-1]
@@ -64,3 +66,7 @@ class ControlClient:
         if self._sock is not None and self._pid == os.getpid():
             self._sock.close(linger=0)
         self._sock = None
+
+
+def _left_ms(end: float) -> int:
+    return max(0, int((end - time.monotonic()) * 1000))

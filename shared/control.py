@@ -103,6 +103,8 @@ def decode_reply(data: bytes) -> dict[str, Any]:
     if not isinstance(body, dict) or "ok" not in body:
         raise ControlError(BAD_REQUEST, "reply is not a control reply map")
     if not body["ok"]:
-        err = body.get("error") or {}
+        err = body.get("error")
+        if not isinstance(err, dict):
+            raise ControlError(INTERNAL, f"malformed error reply: {err!r}")
         raise ControlError(str(err.get("code", INTERNAL)), str(err.get("message", "")))
     return body

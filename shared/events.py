@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-
 from tlsbridge.shared.facts import TlsFacts
 
 EVENTS_VERSION = 1
@@ -162,6 +161,8 @@ def decode_event(frames: list[bytes]) -> Event:
     conn = d.pop("conn", None)
     if not isinstance(type_, str) or not isinstance(seq, int):
         raise EventError("event type/seq have wrong types")
+    if not isinstance(ts, int | float) or isinstance(ts, bool):
+        raise EventError(f"event ts must be a number, got {ts!r}")
     return Event(type_, seq, float(ts), str(src), ConnRef.from_dict(conn) if conn else None, d)
 
 

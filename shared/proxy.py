@@ -388,8 +388,10 @@ def _parse_v1(data: bytes | bytearray) -> tuple[ProxyHeader, int]:
         body = body[:-1]  # may be the first half of a CRLF still in flight
     bad = _V1_BAD_BYTE.search(body)
     if bad:
-        raise ProxyError(f"v1 header has invalid byte 0x{bad.group()[0]:02x} at offset "
-                         f"{bad.start()}; only printable ASCII before CRLF")
+        raise ProxyError(
+            f"v1 header has invalid byte 0x{bad.group()[0]:02x} at offset "
+            f"{bad.start()}; only printable ASCII before CRLF"
+        )
     if end < 0:
         if len(window) >= V1_MAX_LEN:
             raise ProxyError(f"v1 header has no CRLF within {V1_MAX_LEN} bytes")
@@ -417,8 +419,9 @@ def _v1_address(text: str, version: int, what: str) -> str:
     except ValueError:
         raise ProxyError(f"v1 {what} address {text!r} is not a valid IP address") from None
     if addr.version != version:
-        raise ProxyError(f"v1 {what} address {text!r} is IPv{addr.version}, "
-                         f"family mismatch with TCP{version}")
+        raise ProxyError(
+            f"v1 {what} address {text!r} is IPv{addr.version}, family mismatch with TCP{version}"
+        )
     if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
         raise ProxyError(f"v1 {what} address {text!r} has a zone index")
     return str(addr)
@@ -455,15 +458,16 @@ def _parse_v2(data: bytes | bytearray, max_size: int) -> tuple[ProxyHeader, int]
     if total > max_size:
         raise ProxyError(f"v2 header of {total} bytes exceeds the {max_size}-byte limit")
     if length < addr_len:
-        raise ProxyError(f"v2 length {length} is shorter than the {addr_len}-byte "
-                         f"{family} address block")
+        raise ProxyError(
+            f"v2 length {length} is shorter than the {addr_len}-byte {family} address block"
+        )
     if len(data) < total:
         raise ProxyIncomplete(f"need more data: v2 header is {total} bytes, have {len(data)}")
     raw = bytes(data[:total])
 
     src = dst = None
     if command == "PROXY" and family != "UNKNOWN":
-        src, dst = _v2_addresses(raw[V2_HEADER_LEN:V2_HEADER_LEN + addr_len], family)
+        src, dst = _v2_addresses(raw[V2_HEADER_LEN : V2_HEADER_LEN + addr_len], family)
     found = _parse_tlvs(raw, V2_HEADER_LEN + addr_len, total, "TLV")
     crcs = [(off, t) for off, t in found if t.type == PP2_TYPE_CRC32C]
     if len(crcs) > 1:
@@ -472,7 +476,7 @@ def _parse_v2(data: bytes | bytearray, max_size: int) -> tuple[ProxyHeader, int]
         if len(t.value) != 4:
             raise ProxyError(f"CRC32C TLV is {len(t.value)} bytes, must be 4")
         want = int.from_bytes(t.value, "big")
-        got = _crc32c(raw[:off] + b"\0\0\0\0" + raw[off + 4:])
+        got = _crc32c(raw[:off] + b"\0\0\0\0" + raw[off + 4 :])
         if got != want:
             raise ProxyError(f"CRC32C mismatch: header says 0x{want:08x}, computed 0x{got:08x}")
     tlvs = tuple(t for _, t in found)
@@ -506,14 +510,17 @@ def _parse_tlvs(buf: bytes, start: int, end: int, what: str) -> list[tuple[int, 
     pos = start
     while pos < end:
         if end - pos < _TLV_HEAD.size:
-            raise ProxyError(f"{what} header at offset {pos} truncated: "
-                             f"{end - pos} bytes left, needs 3")
+            raise ProxyError(
+                f"{what} header at offset {pos} truncated: {end - pos} bytes left, needs 3"
+            )
         tlv_type, length = _TLV_HEAD.unpack_from(buf, pos)
         value_at = pos + _TLV_HEAD.size
         if value_at + length > end:
-            raise ProxyError(f"{what} 0x{tlv_type:02x} at offset {pos} claims {length} bytes, "
-                             f"overrunning its container by {value_at + length - end}")
-        out.append((value_at, Tlv(tlv_type, buf[value_at:value_at + length])))
+            raise ProxyError(
+                f"{what} 0x{tlv_type:02x} at offset {pos} claims {length} bytes, "
+                f"overrunning its container by {value_at + length - end}"
+            )
+        out.append((value_at, Tlv(tlv_type, buf[value_at : value_at + length])))
         pos = value_at + length
     return out
 

@@ -1,4 +1,4 @@
-"""The part of the daemon's TOML that Kamailio's side needs too: where the hairpin and endpoints are.
+"""What Kamailio's side needs of the daemon's TOML: where the hairpin and the endpoints are.
 
 Kamailio may run as a user who cannot read the daemon's keys, so this reads only addresses.
 """
