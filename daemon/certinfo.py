@@ -12,6 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
+
 from tlsbridge.shared.facts import (
     VERIFY_ERROR_NO_PEER_CERT,
     VERIFY_ERROR_NOT_VERIFIED,

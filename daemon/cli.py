@@ -112,6 +112,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_events(args: argparse.Namespace) -> int:
     import zmq
+
     from tlsbridge.shared.events import decode_event
 
     endpoint = args.events or _config(args).events_endpoint

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 import zmq.asyncio
+
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
 from tlsbridge.shared.events import ConnRef, EventEncoder

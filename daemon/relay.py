@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
@@ -189,7 +190,7 @@ class InboundRelay(asyncio.Protocol):
         try:
             sock = self._hairpin_socket()
         except OSError as exc:
-            self._hairpin_failed(f"cannot bind hairpin source: {exc.strerror or exc}")
+            self._hairpin_failed(f"cannot bind hairpin source: {_os_reason(exc)}")
             return
         self.hub.index_hairpin(self)
         # Published before the hairpin opens, so Kamailio can know the facts of its first message.
@@ -234,7 +235,7 @@ class InboundRelay(asyncio.Protocol):
             transport, _ = await loop.create_connection(lambda: _HairpinSide(self), sock=sock)
         except (OSError, TimeoutError) as exc:
             sock.close()
-            reason = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            reason = "timeout" if isinstance(exc, TimeoutError) else _os_reason(exc)
             self._hairpin_failed(f"{format_addr(hp.host, hp.port)}: {reason}")
             return
         except asyncio.CancelledError:
@@ -343,3 +344,8 @@ class InboundRelay(asyncio.Protocol):
         if detail:
             fields["detail"] = detail
         self.hub.publish(ev.CONN_CLOSED, self.ref, duration=round(duration, 6), **fields)
+
+
+def _os_reason(exc: OSError) -> str:
+    # uvloop's messages ("Connect call failed (...)") hide the errno an operator needs.
+    return os.strerror(exc.errno) if exc.errno else str(exc)

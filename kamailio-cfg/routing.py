@@ -15,6 +15,7 @@ if os.environ.get("TLSBRIDGE_VENV"):
     site.addsitedir(f"{os.environ['TLSBRIDGE_VENV']}/lib/python{_v.major}.{_v.minor}/site-packages")
 
 import KSR
+
 from tlsbridge.kemi import TlsBridge
 from tlsbridge.kemi.bridge import default_config_path
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
 from tlsbridge.shared.addr import format_addr

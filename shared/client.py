@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import zmq
+
 from tlsbridge.shared import control as ctl
 
 TIMEOUT = "timeout"

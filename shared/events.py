@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+
 from tlsbridge.shared.facts import TlsFacts
 
 EVENTS_VERSION = 1

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+
 from tlsbridge.daemon.config import ConfigError, ServerProfile, load_config
 from tlsbridge.daemon.tls_context import server_context
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+
 from tlsbridge.daemon.certinfo import cert_info_from_pem_file
 from tlsbridge.daemon.config import ServerProfile
 from tlsbridge.daemon.engine import OpenSSLEngine, TlsEngine, TlsError

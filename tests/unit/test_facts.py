@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
 from tlsbridge.daemon.certinfo import cert_info_from_der, cert_info_from_pem_file, facts_from_ssl
 from tlsbridge.shared.facts import (
     FACTS_VERSION,

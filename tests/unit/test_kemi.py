@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+
 from tlsbridge.kemi import testing
 from tlsbridge.kemi.bridge import HTABLE, BridgeConnection, TlsBridge
 from tlsbridge.shared import control as ctl

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tlsbridge.shared.proxy import (
     DEFAULT_MAX_SIZE,
     KAMAILIO_V2_MAX,

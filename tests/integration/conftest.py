@@ -1,0 +1,109 @@
+"""Fixtures that run the real Kamailio (Debian's, with app_python3) and the real daemon."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.support.procs import (
+    Daemon,
+    EventTap,
+    Kamailio,
+    free_tcp_udp_port,
+    write_bridge_config,
+)
+
+pytestmark = pytest.mark.integration
+
+if shutil.which("kamailio") is None:
+    pytest.skip("kamailio is not installed (make test installs it)", allow_module_level=True)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1")
+    ca.cert_pem.write_to_path(d / "ca.pem")
+    server.cert_chain_pems[0].write_to_path(d / "server.pem")
+    server.private_key_pem.write_to_path(d / "server.key")
+    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
+
+
+@dataclass
+class Stack:
+    kamailio: Kamailio | None
+    daemon: Daemon
+    events: EventTap
+    tls_port: int
+    sip_port: int
+    hairpin_port: int
+    ca: str
+
+    @property
+    def tls_addr(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.tls_port)
+
+
+def start_stack(
+    workdir: Path, certs: dict[str, Path], *, with_kamailio: bool = True, extra: str = ""
+) -> Stack:
+    tls_port, sip_port, hairpin_port = (free_tcp_udp_port() for _ in range(3))
+    config = write_bridge_config(
+        workdir / "tlsbridge.toml", tls_port=tls_port, hairpin_port=hairpin_port,
+        certs=certs, run_dir=workdir, extra=extra,
+    )
+    kamailio = None
+    daemon = None
+    try:
+        if with_kamailio:
+            kamailio = Kamailio(workdir, sip_port=sip_port, hairpin_port=hairpin_port,
+                                tls_port=tls_port, bridge_config=config)
+        daemon = Daemon(workdir, config)
+        daemon.wait_ready()
+        if kamailio:
+            kamailio.wait_ready()
+        events = EventTap(daemon.settings.events_endpoint)
+    except BaseException:
+        for proc in (daemon, kamailio):
+            if proc is not None:
+                print(f"--- {proc.name} log ---\n{proc.tail()}")
+                proc.stop()
+        raise
+    return Stack(kamailio, daemon, events, tls_port, sip_port, hairpin_port, str(certs["ca"]))
+
+
+def stop_stack(stack: Stack) -> None:
+    stack.events.close()
+    stack.daemon.stop()
+    if stack.kamailio:
+        stack.kamailio.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, certs: dict[str, Path]) -> Iterator[Stack]:
+    s = start_stack(tmp_path_factory.mktemp("stack"), certs)
+    yield s
+    stop_stack(s)
+
+
+@pytest.fixture
+def logs_on_failure(request: pytest.FixtureRequest, stack: Stack) -> Iterator[None]:
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for proc in (stack.daemon, stack.kamailio):
+            if proc is not None:
+                print(f"--- {proc.name} log ---\n{proc.tail(80)}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep

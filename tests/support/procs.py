@@ -1,0 +1,230 @@
+"""Start and stop the real Kamailio and the real daemon for integration tests, on free ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import zmq
+
+from tlsbridge.shared.client import ControlClient
+from tlsbridge.shared.control import ControlError
+from tlsbridge.shared.events import Event, decode_event
+
+ROOT = Path(__file__).resolve().parents[2]
+CFG = ROOT / "kamailio-cfg"
+
+
+def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def free_tcp_udp_port(host: str = "127.0.0.1") -> int:
+    """A port free for both TCP and UDP (Kamailio binds both for some listeners)."""
+    for _ in range(50):
+        port = free_port(socket.SOCK_STREAM, host)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((host, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port")
+
+
+class Proc:
+    """A child process in its own session, stopped by PID (and its group) even on failure."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str]) -> None:
+        self.name, self.log = name, log
+        self._logf = open(log, "ab")  # noqa: SIM115 - lives as long as the process
+        self.popen = subprocess.Popen(
+            argv, stdout=self._logf, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout)
+        # Kamailio's children share the session we created; make sure none outlive the test.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        if self.popen.poll() is None:
+            self.popen.wait(5)
+        self._logf.close()
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+class Kamailio(Proc):
+    def __init__(
+        self, workdir: Path, *, sip_port: int, hairpin_port: int, tls_port: int,
+        bridge_config: Path, script: Path = CFG / "routing.py", children: int = 2,
+    ) -> None:
+        self.sip_port, self.hairpin_port = sip_port, hairpin_port
+        self.ctl = f"unix:{workdir}/kamailio_ctl"
+        argv = [
+            "kamailio", "-f", str(CFG / "kamailio.cfg"), "-DD", "-E",
+            "-A", f"SIP_PORT={sip_port}", "-A", f"HAIRPIN_PORT={hairpin_port}",
+            "-A", f"TLS_PORT={tls_port}", "-A", f"CHILDREN={children}",
+            "-A", f'KEMI_SCRIPT="{script}"', "-A", f'CTL_SOCKET="{self.ctl}"',
+            "-Y", str(workdir), "-P", str(workdir / "kamailio.pid"),
+        ]
+        env = dict(os.environ, TLSBRIDGE_VENV=sys.prefix, TLSBRIDGE_CONFIG=str(bridge_config))
+        super().__init__("kamailio", argv, workdir / "kamailio.log", env)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        from tests.support.sip import UdpUA, build_request
+
+        ua = UdpUA()
+        try:
+            def answers() -> bool:
+                if not self.alive():
+                    raise RuntimeError(f"kamailio exited:\n{self.tail()}")
+                target = ("127.0.0.1", self.sip_port)
+                ua.send(build_request("OPTIONS", f"sip:127.0.0.1:{self.sip_port}",
+                                      via_proto="UDP", local=ua.local), target)
+                try:
+                    return ua.read(0.3).status == 200
+                except OSError:
+                    return False
+            wait_until(answers, timeout, "kamailio to answer OPTIONS")
+        finally:
+            ua.close()
+
+    def kamcmd(self, *args: str) -> str:
+        out = subprocess.run(["kamcmd", "-s", self.ctl, *args], capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout + out.stderr
+
+
+def write_bridge_config(
+    path: Path, *, tls_port: int, hairpin_port: int, certs: dict[str, Path],
+    run_dir: Path, extra: str = "", handshake_timeout: float = 5.0,
+) -> Path:
+    path.write_text(f"""
+[daemon]
+run_dir = "{run_dir}"
+log_level = "debug"
+handshake_timeout = {handshake_timeout}
+
+[kamailio]
+hairpin = "127.0.0.1:{hairpin_port}"
+connect_timeout = 2.0
+
+[[listener]]
+address = "127.0.0.1:{tls_port}"
+profile = "default"
+
+[profile.default]
+certificate = "{certs['cert']}"
+private_key = "{certs['key']}"
+ca_list = "{certs['ca']}"
+{extra}
+""")
+    return path
+
+
+class Daemon(Proc):
+    def __init__(self, workdir: Path, config: Path) -> None:
+        from tlsbridge.shared.settings import load_settings
+
+        self.config = config
+        self.settings = load_settings(config)
+        argv = [sys.executable, "-m", "tlsbridge.daemon.cli", "run", "-c", str(config)]
+        super().__init__("tlsbridge", argv, workdir / "tlsbridge.log", dict(os.environ))
+        self.client = ControlClient(self.settings.control_endpoint, timeout_ms=1000)
+
+    def request(self, op: str, **args: object) -> dict:
+        return self.client.request(op, **args)
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        def answers() -> bool:
+            if not self.alive():
+                raise RuntimeError(f"tlsbridge exited:\n{self.tail()}")
+            try:
+                return bool(self.client.request("ping", timeout_ms=300).get("pong"))
+            except ControlError:
+                return False
+        wait_until(answers, timeout, "tlsbridge to answer ping")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.client.close()
+        super().stop(timeout)
+
+
+class EventTap:
+    """Subscribes to the daemon's events and keeps them, for assertions."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.events: list[Event] = []
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._sock = zmq.Context.instance().socket(zmq.SUB)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        time.sleep(0.2)  # ZeroMQ's slow joiner: let the subscription reach the publisher
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._sock.poll(50):
+                event = decode_event(self._sock.recv_multipart())
+                with self._cond:
+                    self.events.append(event)
+                    self._cond.notify_all()
+        self._sock.close(linger=0)
+
+    def wait_for(self, pred: Callable[[Event], bool], timeout: float = 5.0) -> Event:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for e in self.events:
+                    if pred(e):
+                        return e
+                left = end - time.monotonic()
+                if left <= 0:
+                    types = [(e.type, e.conn.id if e.conn else None) for e in self.events]
+                    raise TimeoutError(f"no matching event; saw {types}")
+                self._cond.wait(left)
+
+    def of(self, type_: str) -> list[Event]:
+        with self._cond:
+            return [e for e in self.events if e.type == type_]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
