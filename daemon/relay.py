@@ -14,7 +14,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from tlsbridge.daemon.engine import TlsEngine, TlsError
+from tlsbridge.daemon.engines.base import TlsEngine, TlsError
 from tlsbridge.shared import events as ev
 from tlsbridge.shared.addr import format_addr
 from tlsbridge.shared.events import ConnRef

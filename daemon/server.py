@@ -10,7 +10,8 @@ import ssl
 
 from tlsbridge.daemon.certinfo import cert_info_from_pem_file
 from tlsbridge.daemon.config import Config, Listener
-from tlsbridge.daemon.engine import OpenSSLEngine, TlsEngine
+from tlsbridge.daemon.engines.base import TlsEngine
+from tlsbridge.daemon.engines.openssl import OpenSSLEngine
 from tlsbridge.daemon.hub import Hub
 from tlsbridge.daemon.relay import InboundRelay
 from tlsbridge.daemon.tls_context import server_context

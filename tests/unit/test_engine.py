@@ -1,4 +1,4 @@
-"""daemon/engine.py OpenSSLEngine, sans-IO: two engines joined by shuttling bytes in memory."""
+"""daemon/engines OpenSSLEngine, sans-IO: two engines joined by shuttling bytes in memory."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import trustme
 
 from tlsbridge.daemon.certinfo import cert_info_from_pem_file
 from tlsbridge.daemon.config import ServerProfile
-from tlsbridge.daemon.engine import OpenSSLEngine, TlsEngine, TlsError
+from tlsbridge.daemon.engines.base import TlsEngine, TlsError
+from tlsbridge.daemon.engines.openssl import OpenSSLEngine
 from tlsbridge.daemon.tls_context import server_context
 
 

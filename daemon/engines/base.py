@@ -1,0 +1,61 @@
+"""The sans-IO TLS engine interface: ciphertext in, plaintext out and back, no sockets.
+
+The relay only speaks to `TlsEngine`, so the TLS library behind it can change per listener.
+Every engine runs the same test suite (tests/unit/test_engine.py).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from tlsbridge.shared.facts import TlsFacts
+
+READ_CHUNK = 64 * 1024
+
+
+class TlsError(Exception):
+    """The TLS conversation failed; `reason` is short and stable enough for events."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class TlsEngine(ABC):
+    name: str
+
+    @abstractmethod
+    def receive(self, ciphertext: bytes) -> None:
+        """Ciphertext that arrived from the peer."""
+
+    @abstractmethod
+    def receive_eof(self) -> None:
+        """The peer's TCP stream ended."""
+
+    @abstractmethod
+    def handshake(self) -> bool:
+        """Advance the handshake; True once complete. Raises TlsError."""
+
+    @abstractmethod
+    def read(self) -> bytes:
+        """All plaintext available now (b"" if none). Sets `peer_closed` at close_notify."""
+
+    @abstractmethod
+    def write(self, plaintext: bytes) -> None:
+        """Encrypt; the records appear in `outgoing()`."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Queue our close_notify."""
+
+    @abstractmethod
+    def outgoing(self) -> bytes:
+        """Ciphertext to send to the peer (b"" if none)."""
+
+    @abstractmethod
+    def facts(self) -> TlsFacts:
+        """The facts of the completed handshake."""
+
+    peer_closed: bool = False
+    handshake_done: bool = False
