@@ -10,13 +10,14 @@ CFG      := $(ROOT)/kamailio-cfg
 APT_PKGS := kamailio kamailio-python3-modules python3-venv openssl
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv certs up down status test lint clean
+.PHONY: help deps venv certs up down status test lint bench clean
 
 help:
 	@echo "make up     start Kamailio and the tlsbridge daemon (TLS on 127.0.0.1:5061)"
 	@echo "make down   stop what 'make up' started"
 	@echo "make test   run the whole test suite (unit and integration)"
 	@echo "make lint   ruff"
+	@echo "make bench  benchmark against HAProxy+Kamailio and Kamailio's own TLS (bench/README.md)"
 
 # Debian packages: installed only when one is missing (needs root).
 deps:
@@ -84,6 +85,9 @@ down:
 
 test: venv
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
