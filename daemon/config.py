@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tlsbridge.shared.addr import parse_addr
+from tlsbridge.shared.addr import format_addr, parse_addr
 from tlsbridge.shared.settings import DEFAULT_RUN_DIR, endpoint_of, run_dir_of
 
 DEFAULT_CONFIG = "/etc/tlsbridge/tlsbridge.toml"
@@ -39,11 +39,10 @@ class Listener:
     host: str
     port: int
     profile: str
+    advertise: str | None = None  # the public address, when it is not the bound one
 
     @property
     def address(self) -> str:
-        from tlsbridge.shared.addr import format_addr
-
         return format_addr(self.host, self.port)
 
 
@@ -164,6 +163,8 @@ def _build(path: Path, root: _Section) -> Config:
         source_ip=kam.get("source_ip", str, "127.0.0.1"),
         connect_timeout=kam.positive("connect_timeout", float, 5.0),
     )
+    if "sip_address" in kam.data:
+        kam.address("sip_address")
     zmq = root.sub("zmq", {})
     return Config(
         path=path,
@@ -233,5 +234,6 @@ def _listeners(root: _Section, profiles: dict[str, ServerProfile]) -> tuple[List
         profile = sec.get("profile", str, "default")
         if profile not in profiles:
             raise sec.fail("profile", f"no [profile.{profile}] table")
-        out.append(Listener(host, port, profile))
+        advertise = format_addr(*sec.address("advertise")) if "advertise" in sec.data else None
+        out.append(Listener(host, port, profile, advertise))
     return tuple(out)

@@ -32,6 +32,14 @@ class kamailio:
     def child_init(self, rank):
         return bridge.child_init(rank)
 
+    # app_python3 5.6 looks these up on every message and leaves a Python error set when they
+    # are missing, which then surfaces in the next KSR call: keep them defined.
+    def ksr_reply_route(self, msg):
+        return 1
+
+    def ksr_onsend_route(self, msg):
+        return 1
+
     # -- the rtimer process (kamailio.cfg: rtimer "tlsb") ---------------------------------
 
     def ksr_tlsb_timer(self, msg, evname=None):
@@ -59,7 +67,8 @@ class kamailio:
 
         KSR.hdr.remove("Route")
         if KSR.is_method_in("IS"):
-            KSR.rr.record_route()
+            # Per branch: TLS peers see the public TLS address, others Kamailio's own.
+            bridge.record_route()
 
         if KSR.is_OPTIONS() and KSR.is_myself_ruri() and KSR.corex.has_ruri_user() < 0:
             self.ksr_route_options(msg)
@@ -110,6 +119,7 @@ class kamailio:
         KSR.sl.sl_send_reply(200, "OK")
 
     def ksr_route_registrar(self, msg):
+        bridge.prepare_register()
         KSR.registrar.save("location", 0)
 
     def ksr_route_location(self, msg):
@@ -124,5 +134,13 @@ class kamailio:
         self.ksr_route_relay(msg)
 
     def ksr_route_relay(self, msg):
+        # TLS targets (sips:, ;transport=tls) go over the bridge, never in plaintext.
+        bridge.prepare_relay()
+        KSR.tm.t_on_branch("ksr_branch_manage")
         if KSR.tm.t_relay() < 0:
-            KSR.sl.sl_reply_error()
+            # tm has already replied (e.g. 477 when a TLS peer has no connection)
+            KSR.err(f"relaying {KSR.pv.get('$rm')} to {KSR.pv.get('$ru')} failed\n")
+
+    def ksr_branch_manage(self, msg):
+        """Each branch decides its own transport and Record-Route (forking to TLS and UDP)."""
+        return bridge.prepare_branch()

@@ -18,6 +18,7 @@ from typing import Any
 
 import zmq
 
+from tlsbridge.kemi.routing import RoutingMixin
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
 from tlsbridge.shared.addr import format_addr
@@ -45,8 +46,14 @@ class BridgeConnection:
     tls: TlsFacts
 
 
-class TlsBridge:
-    """Create once at module level in the routing script; call `child_init` from yours."""
+class TlsBridge(RoutingMixin):
+    """Create once at module level in the routing script; call `child_init` from yours.
+
+    Facts: `tls()`, `connection()`. Transport: `prepare_register()` before `registrar.save()`,
+    `record_route()` instead of `rr.record_route()`, `prepare_relay()` before `t_relay()`, and
+    `prepare_branch()` in the branch route set with `KSR.tm.t_on_branch()`. Events:
+    `drain_events()` as the rtimer method, `on(type, handler)` for callbacks there.
+    """
 
     def __init__(
         self,
@@ -58,6 +65,9 @@ class TlsBridge:
         htable: str = HTABLE,
         lookup_timeout_ms: int = 250,
         max_drain: int = 20_000,
+        tls_public: dict[str, str] | None = None,
+        sip_address: str | None = None,
+        received_avp: str = "$avp(RECEIVED)",
     ) -> None:
         if hairpin is None or control is None or events is None:
             settings = load_settings(
@@ -66,6 +76,11 @@ class TlsBridge:
             hairpin = hairpin or settings.hairpin
             control = control or settings.control_endpoint
             events = events or settings.events_endpoint
+            tls_public = tls_public if tls_public is not None else settings.tls_public
+            sip_address = sip_address or settings.sip_address
+        self.tls_public = dict(tls_public or {})
+        self.sip_address = sip_address
+        self.received_avp = received_avp
         self.hairpin = hairpin
         self.control_endpoint = control
         self.events_endpoint = events

@@ -6,11 +6,11 @@ Kamailio may run as a user who cannot read the daemon's keys, so this reads only
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tlsbridge.shared.addr import parse_addr
+from tlsbridge.shared.addr import format_addr, parse_addr
 
 DEFAULT_RUN_DIR = "/run/tlsbridge"
 
@@ -21,6 +21,10 @@ class BridgeSettings:
     hairpin: tuple[str, int]
     events_endpoint: str
     control_endpoint: str
+    # listener address -> the address TLS peers know it by (its `advertise`, else itself)
+    tls_public: dict[str, str] = field(default_factory=dict)
+    # where non-TLS peers reach Kamailio, for Record-Route across transports
+    sip_address: str | None = None
 
 
 def run_dir_of(raw: dict[str, Any], base: Path) -> Path:
@@ -42,9 +46,16 @@ def load_settings(path: str | Path) -> BridgeSettings:
         hairpin = parse_addr(raw["kamailio"]["hairpin"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{p}: key 'kamailio.hairpin' missing or bad: {exc}") from None
+    tls_public = {}
+    for item in raw.get("listener", []):
+        address = format_addr(*parse_addr(item["address"]))
+        tls_public[address] = format_addr(*parse_addr(item.get("advertise", address)))
+    sip = raw["kamailio"].get("sip_address")
     return BridgeSettings(
         run_dir=run_dir,
         hairpin=hairpin,
         events_endpoint=endpoint_of(raw, "events", run_dir),
         control_endpoint=endpoint_of(raw, "control", run_dir),
+        tls_public=tls_public,
+        sip_address=format_addr(*parse_addr(sip, default_port=5060)) if sip else None,
     )

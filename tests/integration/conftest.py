@@ -56,6 +56,7 @@ def start_stack(
     tls_port, sip_port, hairpin_port = (free_tcp_udp_port() for _ in range(3))
     config = write_bridge_config(
         workdir / "tlsbridge.toml", tls_port=tls_port, hairpin_port=hairpin_port,
+        sip_port=sip_port,
         certs=certs, run_dir=workdir, extra=extra,
     )
     kamailio = None

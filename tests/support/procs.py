@@ -130,7 +130,7 @@ class Kamailio(Proc):
 
 
 def write_bridge_config(
-    path: Path, *, tls_port: int, hairpin_port: int, certs: dict[str, Path],
+    path: Path, *, tls_port: int, hairpin_port: int, sip_port: int, certs: dict[str, Path],
     run_dir: Path, extra: str = "", handshake_timeout: float = 5.0,
 ) -> Path:
     path.write_text(f"""
@@ -142,6 +142,7 @@ handshake_timeout = {handshake_timeout}
 [kamailio]
 hairpin = "127.0.0.1:{hairpin_port}"
 connect_timeout = 2.0
+sip_address = "127.0.0.1:{sip_port}"
 
 [[listener]]
 address = "127.0.0.1:{tls_port}"
