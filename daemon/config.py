@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tlsbridge.shared.addr import format_addr, parse_addr
-from tlsbridge.shared.settings import DEFAULT_RUN_DIR, endpoint_of, run_dir_of
+from tlsbridge.shared.settings import DEFAULT_RUN_DIR, endpoint_of, run_dir_of, trunks_of
 
 DEFAULT_CONFIG = "/etc/tlsbridge/tlsbridge.toml"
 VERIFY_MODES = ("off", "optional", "on")
@@ -32,6 +32,28 @@ class ServerProfile:
     max_version: str = "TLSv1.3"
     ciphers: str | None = None
     alpn: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClientProfile:
+    """How we originate TLS: our identity (optional) and how we check the server."""
+
+    name: str
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_list: Path | None = None  # None: the system's trust store
+    verify_server: bool = True
+    # RFC 5922: the SIP domain is checked against the certificate. None: the SNI / host name.
+    verify_name: str | None = None
+    min_version: str = "TLSv1.2"
+    max_version: str = "TLSv1.3"
+    ciphers: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    connect_timeout: float = 4.0  # TCP connect + handshake + hairpin; keep below tm's fr_timer
+    idle_timeout: float = 600.0  # an outbound connection with no traffic this long is closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +86,8 @@ class Config:
     profiles: dict[str, ServerProfile]
     events_endpoint: str
     control_endpoint: str
+    clients: dict[str, ClientProfile] = field(default_factory=dict)
+    outbound: Outbound = field(default_factory=Outbound)
     events_hwm: int = 100_000
     log_level: str = "info"
     handshake_timeout: float = 10.0
@@ -166,7 +190,22 @@ def _build(path: Path, root: _Section) -> Config:
     if "sip_address" in kam.data:
         kam.address("sip_address")
     zmq = root.sub("zmq", {})
+    out = root.sub("outbound", {})
+    clients = _clients(root, base)
+    try:
+        trunks = trunks_of(root.data, path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for trunk in trunks.values():
+        if trunk.profile not in clients:
+            raise ConfigError(f"{path}: key 'trunk.{trunk.name}.client': "
+                              f"no [client.{trunk.profile}] table")
     return Config(
+        clients=clients,
+        outbound=Outbound(
+            connect_timeout=out.positive("connect_timeout", float, 4.0),
+            idle_timeout=out.positive("idle_timeout", float, 600.0),
+        ),
         path=path,
         run_dir=run_dir,
         hairpin=hairpin,
@@ -192,15 +231,47 @@ def _endpoint(zmq: _Section, key: str, run_dir: Path) -> str:
     return value
 
 
+def _versions(sec: _Section) -> tuple[str, str]:
+    min_v = sec.choice("min_version", TLS_VERSIONS, "TLSv1.2")
+    max_v = sec.choice("max_version", TLS_VERSIONS, "TLSv1.3")
+    if TLS_VERSIONS.index(min_v) > TLS_VERSIONS.index(max_v):
+        raise sec.fail("min_version", f"{min_v} is above max_version {max_v}")
+    return min_v, max_v
+
+
+def _clients(root: _Section, base: Path) -> dict[str, ClientProfile]:
+    table = root.sub("client", {})
+    clients = {}
+    for name in table.data:
+        sec = table.sub(name)
+        min_v, max_v = _versions(sec)
+        cert = sec.file("certificate", base, required=False)
+        key = sec.file("private_key", base, required=False)
+        if (cert is None) != (key is None):
+            raise sec.fail("private_key" if key is None else "certificate",
+                           "certificate and private_key go together")
+        clients[name] = ClientProfile(
+            name=name,
+            certificate=cert,
+            private_key=key,
+            ca_list=sec.file("ca_list", base, required=False),
+            verify_server=sec.get("verify_server", bool, True),
+            verify_name=sec.get("verify_name", str, None),
+            min_version=min_v,
+            max_version=max_v,
+            ciphers=sec.get("ciphers", str, None),
+        )
+    # Without configuration: no client certificate, servers verified against the system CAs.
+    clients.setdefault("default", ClientProfile(name="default"))
+    return clients
+
+
 def _profiles(root: _Section, base: Path) -> dict[str, ServerProfile]:
     table = root.sub("profile")
     profiles = {}
     for name in table.data:
         sec = table.sub(name)
-        min_v = sec.choice("min_version", TLS_VERSIONS, "TLSv1.2")
-        max_v = sec.choice("max_version", TLS_VERSIONS, "TLSv1.3")
-        if TLS_VERSIONS.index(min_v) > TLS_VERSIONS.index(max_v):
-            raise sec.fail("min_version", f"{min_v} is above max_version {max_v}")
+        min_v, max_v = _versions(sec)
         verify = sec.choice("verify_client", VERIFY_MODES, "off")
         ca_list = sec.file("ca_list", base, required=False)
         if verify != "off" and ca_list is None:

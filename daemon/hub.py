@@ -16,11 +16,13 @@ import zmq.asyncio
 
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
+from tlsbridge.shared.addr import is_ip
 from tlsbridge.shared.events import ConnRef, EventEncoder
 from tlsbridge.shared.facts import TlsFacts
 
 if TYPE_CHECKING:
     from tlsbridge.daemon.config import Config
+    from tlsbridge.daemon.outbound import Connector
 
 log = logging.getLogger("tlsbridge")
 
@@ -54,6 +56,7 @@ class Hub:
         self._pub: zmq.Socket | None = None
         self._ctl: zmq.asyncio.Socket | None = None
         self._ctl_task: asyncio.Task[None] | None = None
+        self.connector: Connector | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -146,17 +149,25 @@ class Hub:
             except Exception as exc:  # a bug in one op must not stop the control loop
                 log.exception("control request failed")
                 reply = ctl.encode_error(ctl.peek_id(body), ctl.INTERNAL, str(exc))
+            if reply is None:
+                continue  # the client asked for no reply (it learns the outcome by events)
             try:
                 await self._ctl.send_multipart([*envelope, reply], flags=zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("control reply to %r dropped: client not reading", identity)
 
-    def handle_request(self, body: bytes) -> bytes:
+    def handle_request(self, body: bytes) -> bytes | None:
         try:
             req = ctl.decode_request(body)
         except ctl.ControlError as exc:
             self.counters["control.errors"] += 1
             return ctl.encode_error(ctl.peek_id(body), exc.code, exc.message)
+        if req.args.get("noreply"):
+            self._handle(req)
+            return None
+        return self._handle(req)
+
+    def _handle(self, req: ctl.Request) -> bytes:
         self.counters[f"control.{req.op}"] += 1
         handler = getattr(self, f"_op_{req.op}", None)
         if handler is None:
@@ -194,6 +205,24 @@ class Hub:
         conn.kill()
         return {"killed": conn_id}
 
+    def _op_connect(self, args: dict[str, Any]) -> dict[str, Any]:
+        from tlsbridge.daemon.outbound import Target
+
+        host, port = args.get("host"), args.get("port", 5061)
+        sni, profile = args.get("sni"), args.get("profile") or "default"
+        if not isinstance(host, str) or not host:
+            raise ctl.ControlError(ctl.BAD_REQUEST, "connect needs a 'host' string")
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ctl.ControlError(ctl.BAD_REQUEST, f"connect: bad port {port!r}")
+        if sni is not None and not isinstance(sni, str):
+            raise ctl.ControlError(ctl.BAD_REQUEST, "connect: 'sni' must be a string")
+        if self.connector is None or profile not in self.config.clients:
+            raise ctl.ControlError(ctl.NOT_FOUND, f"connect: no client profile {profile!r}")
+        if sni is None and not is_ip(host):
+            sni = host  # RFC 5922: the SIP domain is what the certificate must name
+        target = Target(host.strip("[]"), port, sni, profile)
+        return self.connector.connect(target, args.get("tag"))
+
     def _op_stats(self, args: dict[str, Any]) -> dict[str, Any]:
         conns = list(self.conns.values())
         return {
@@ -218,6 +247,7 @@ def _describe(conn: Connection) -> dict[str, Any]:
         "bytes_in": conn.bytes_in,
         "bytes_out": conn.bytes_out,
         "age": round(loop.time() - conn.started, 3),
+        "keys": sorted(getattr(conn, "keys", ())),
     }
 
 

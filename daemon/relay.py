@@ -1,8 +1,9 @@
-"""One inbound TLS connection joined to its hairpin: handshake, hairpin, byte pump, close.
+"""One TLS connection joined to its hairpin: handshake, hairpin, byte pump, close.
 
-The relay is the TLS side's asyncio protocol; `_HairpinSide` forwards the hairpin's callbacks to
+A relay is the TLS side's asyncio protocol; `_HairpinSide` forwards the hairpin's callbacks to
 it. Bytes are never dropped: what the peer sent before the hairpin is up waits in `_pending`
 (reading paused beyond `max_buffer`), and every close publishes one `conn.closed`.
+`InboundRelay` serves a listener; `OutboundRelay` (outbound.py) originates TLS.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class State(enum.Enum):
 
 
 class _HairpinSide(asyncio.Protocol):
-    def __init__(self, relay: InboundRelay) -> None:
+    def __init__(self, relay: Relay) -> None:
         self.relay = relay
 
     def data_received(self, data: bytes) -> None:
@@ -54,12 +55,14 @@ class _HairpinSide(asyncio.Protocol):
         self.relay.resume_tls_reading("hairpin")
 
 
-class InboundRelay(asyncio.Protocol):
+class Relay(asyncio.Protocol):
+    direction = "in"
+
     def __init__(
         self,
         hub: Hub,
         config: Config,
-        listener: Listener,
+        listener: Listener | None,
         engine_factory: Callable[[], TlsEngine],
     ) -> None:
         self.hub = hub
@@ -90,9 +93,9 @@ class InboundRelay(asyncio.Protocol):
         return ConnRef(
             id=self.id,
             peer=format_addr(*self.peer),
-            direction="in",
+            direction=self.direction,
             hairpin=self.hairpin_key,
-            listener=self.listener.address,
+            listener=self.listener.address if self.listener else None,
         )
 
     # -- TLS side ---------------------------------------------------------------------------
@@ -111,8 +114,9 @@ class InboundRelay(asyncio.Protocol):
             self.state = State.CLOSED
             transport.abort()
             return
-        self._timer = loop.call_later(self.config.handshake_timeout, self._handshake_timeout)
+        self._timer = loop.call_later(self._handshake_limit(), self._handshake_timeout)
         self.hub.register(self)
+        self._pump_tls()  # a client engine speaks first
 
     def data_received(self, data: bytes) -> None:
         if self.state is State.CLOSED:
@@ -214,8 +218,18 @@ class InboundRelay(asyncio.Protocol):
             raise
         return sock
 
+    def _handshake_limit(self) -> float:
+        return self.config.handshake_timeout
+
+    def _proxy_dst(self) -> tuple[str, int]:
+        """The PROXY header's destination: where the TLS peer reached us."""
+        raise NotImplementedError
+
+    def _on_hairpin_ready(self) -> None:
+        """The hairpin is up and what was pending has been written."""
+
     def _proxy_header(self) -> bytes:
-        dst = (self.listener.host, self.listener.port)
+        dst = self._proxy_dst()
         if self.config.hairpin.proxy_protocol == 2:
             return encode_v2(self.peer, dst)
         return encode_v1(self.peer, dst)
@@ -260,6 +274,8 @@ class InboundRelay(asyncio.Protocol):
             self._close("peer_closed")
         elif self._tls_done:
             self._tls_ended()
+        if self.state is State.OPEN:
+            self._on_hairpin_ready()
 
     def _hairpin_failed(self, detail: str) -> None:
         self.hub.publish(ev.HAIRPIN_FAILED, self.ref, reason="hairpin_failed", detail=detail)
@@ -343,7 +359,19 @@ class InboundRelay(asyncio.Protocol):
         fields = {"reason": reason, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
         if detail:
             fields["detail"] = detail
+        fields.update(self._closed_fields())
         self.hub.publish(ev.CONN_CLOSED, self.ref, duration=round(duration, 6), **fields)
+
+    def _closed_fields(self) -> dict[str, object]:
+        return {}
+
+
+class InboundRelay(Relay):
+    """A TLS peer that reached one of our listeners."""
+
+    def _proxy_dst(self) -> tuple[str, int]:
+        assert self.listener is not None
+        return (self.listener.host, self.listener.port)
 
 
 def _os_reason(exc: OSError) -> str:

@@ -13,6 +13,7 @@ from tlsbridge.daemon.config import Config, Listener
 from tlsbridge.daemon.engines.base import TlsEngine
 from tlsbridge.daemon.engines.openssl import OpenSSLEngine
 from tlsbridge.daemon.hub import Hub
+from tlsbridge.daemon.outbound import Connector
 from tlsbridge.daemon.relay import InboundRelay
 from tlsbridge.daemon.tls_context import server_context
 
@@ -36,6 +37,7 @@ class Server:
         loop = asyncio.get_running_loop()
         # Contexts first: a bad certificate refuses start-up before any port is taken.
         factories = {lst: self._engine_factory(lst) for lst in self.config.listeners}
+        self.hub.connector = Connector(self.hub, self.config)
         self.hub.start()
         for lst, factory in factories.items():
             server = await loop.create_server(
@@ -61,6 +63,8 @@ class Server:
         log.info("shutting down: %d open connections", len(self.hub.conns))
         for server in self._servers:
             server.close()
+        if self.hub.connector:
+            self.hub.connector.close_all()
         for conn in list(self.hub.conns.values()):
             conn.kill("shutdown")
         # Let close_notify and FINs leave before the loop goes.

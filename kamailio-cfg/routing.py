@@ -123,7 +123,17 @@ class kamailio:
         KSR.registrar.save("location", 0)
 
     def ksr_route_location(self, msg):
+        # Dialled prefixes and domains of [trunk.*] in tlsbridge.toml go to that TLS trunk.
+        trunk = bridge.find_trunk()
+        if trunk is not None:
+            bridge.route_to_trunk(trunk)
+            self.ksr_route_relay(msg)
+            return
         rc = KSR.registrar.lookup("location")
+        if rc < 0 and not KSR.is_myself_ruri():
+            # Not one of ours: proxy it to where its R-URI says (sips: over the bridge).
+            self.ksr_route_relay(msg)
+            return
         if rc < 0:
             KSR.tm.t_newtran()
             if rc in (-1, -3):
@@ -134,8 +144,11 @@ class kamailio:
         self.ksr_route_relay(msg)
 
     def ksr_route_relay(self, msg):
-        # TLS targets (sips:, ;transport=tls) go over the bridge, never in plaintext.
-        bridge.prepare_relay()
+        # TLS targets (sips:, ;transport=tls) go over the bridge, never in plaintext. One with
+        # no connection yet: the daemon connects while the transaction waits (no worker
+        # blocks), then this route runs again in the rtimer process and relays.
+        if bridge.prepare_relay(resume_route="ksr_route_relay") != bridge.RELAY:
+            return
         KSR.tm.t_on_branch("ksr_branch_manage")
         if KSR.tm.t_relay() < 0:
             # tm has already replied (e.g. 477 when a TLS peer has no connection)

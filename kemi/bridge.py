@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,18 +19,19 @@ from typing import Any
 
 import zmq
 
-from tlsbridge.kemi.routing import RoutingMixin
+from tlsbridge.kemi.routing import FAILED, RELAY, SUSPENDED, Outcome, RoutingMixin
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
 from tlsbridge.shared.addr import format_addr
 from tlsbridge.shared.client import ControlClient
 from tlsbridge.shared.events import ConnRef, Event, SeqTracker, decode_event
 from tlsbridge.shared.facts import TlsFacts
-from tlsbridge.shared.settings import load_settings
+from tlsbridge.shared.settings import Trunk, load_settings
 
 DEFAULT_CONFIG = "/etc/tlsbridge/tlsbridge.toml"
 HTABLE = "tlsb"
 _CACHE_SIZE = 4096
+RESUME_RETRY_FOR = 2.0  # seconds to keep trying t_continue for a transaction not yet suspended
 
 
 def _ksr() -> Any:
@@ -55,6 +57,8 @@ class TlsBridge(RoutingMixin):
     `drain_events()` as the rtimer method, `on(type, handler)` for callbacks there.
     """
 
+    RELAY, SUSPENDED, FAILED = RELAY, SUSPENDED, FAILED
+
     def __init__(
         self,
         config: str | os.PathLike[str] | None = None,
@@ -68,7 +72,9 @@ class TlsBridge(RoutingMixin):
         tls_public: dict[str, str] | None = None,
         sip_address: str | None = None,
         received_avp: str = "$avp(RECEIVED)",
+        trunks: dict[str, Trunk] | None = None,
     ) -> None:
+        settings_trunks: dict[str, Trunk] = {}
         if hairpin is None or control is None or events is None:
             settings = load_settings(
                 config or os.environ.get("TLSBRIDGE_CONFIG") or DEFAULT_CONFIG
@@ -78,6 +84,10 @@ class TlsBridge(RoutingMixin):
             events = events or settings.events_endpoint
             tls_public = tls_public if tls_public is not None else settings.tls_public
             sip_address = sip_address or settings.sip_address
+            settings_trunks = settings.trunks
+        self.trunks = dict(trunks if trunks is not None else settings_trunks)
+        self._outcomes: dict[tuple[int, int], Outcome] = {}
+        self._waiting: list[tuple[float, dict[str, Any], Outcome]] = []
         self.tls_public = dict(tls_public or {})
         self.sip_address = sip_address
         self.received_avp = received_avp
@@ -206,6 +216,8 @@ class TlsBridge(RoutingMixin):
             self._apply(event)
         if resync:
             self.resync()
+        if self._waiting:
+            self._retry_resumes()
         return 1
 
     def _events_socket(self) -> zmq.Socket:
@@ -221,19 +233,68 @@ class TlsBridge(RoutingMixin):
     def _apply(self, event: Event) -> None:
         KSR = _ksr()
         conn = event.conn
-        if event.type in (ev.TLS_ESTABLISHED, ev.OUTBOUND_READY) and conn and conn.hairpin:
-            entry = {"conn": conn.to_dict(), "tls": event.fields.get("tls")}
-            KSR.htable.sht_sets(self.htable, conn.hairpin, json.dumps(entry, separators=(",", ":")))
-        elif event.type == ev.CONN_CLOSED and conn and conn.hairpin:
-            raw = KSR.htable.sht_get(self.htable, conn.hairpin)
-            # Only remove the entry if it is still this connection's (ports get reused).
-            if raw and json.loads(raw).get("conn", {}).get("id") == conn.id:
-                KSR.htable.sht_rm(self.htable, conn.hairpin)
+        if event.type == ev.TLS_ESTABLISHED and conn and conn.hairpin:
+            self._remember(conn.to_dict(), event.fields.get("tls"))
+        elif event.type == ev.OUTBOUND_READY and conn:
+            self._remember(conn.to_dict(), event.fields.get("tls"), [event.fields.get("key")])
+            self._resume(event.fields.get("tags") or (), Outcome(conn.peer))
+        elif event.type == ev.OUTBOUND_FAILED:
+            reason = f"{event.fields.get('reason')}: {event.fields.get('detail', '')}"
+            self._resume(event.fields.get("tags") or (), Outcome(None, reason.strip(": ")))
+        elif event.type == ev.CONN_CLOSED and conn:
+            self._forget(conn, event.fields.get("keys") or ())
         for handler in self._handlers.get(event.type, ()):
             try:
                 handler(event)
             except Exception as exc:  # a user callback must not stop the event stream
                 KSR.err(f"tlsbridge: handler for {event.type} failed: {exc!r}\n")
+
+    def _remember(self, conn: dict[str, Any], tls: Any, keys: Any = ()) -> None:
+        sht = _ksr().htable
+        if conn.get("hairpin") and tls:
+            entry = json.dumps({"conn": conn, "tls": tls}, separators=(",", ":"))
+            sht.sht_sets(self.htable, conn["hairpin"], entry)
+        sht.sht_sets(self.htable, f"p:{conn['peer']}", str(conn["id"]))
+        for key in keys:
+            if key:
+                sht.sht_sets(self.htable, f"o:{key}", conn["peer"])
+
+    def _forget(self, conn: ConnRef, keys: Any) -> None:
+        # Only entries still naming this connection: ports and addresses get reused.
+        sht = _ksr().htable
+        if conn.hairpin:
+            raw = sht.sht_get(self.htable, conn.hairpin)
+            if raw and json.loads(raw).get("conn", {}).get("id") == conn.id:
+                sht.sht_rm(self.htable, conn.hairpin)
+        if sht.sht_get(self.htable, f"p:{conn.peer}") == str(conn.id):
+            sht.sht_rm(self.htable, f"p:{conn.peer}")
+        for key in keys:
+            if sht.sht_get(self.htable, f"o:{key}") == conn.peer:
+                sht.sht_rm(self.htable, f"o:{key}")
+
+    def _resume(self, tags: Any, outcome: Outcome) -> None:
+        """Continue the transactions suspended for this connect (see prepare_relay)."""
+        now = time.monotonic()
+        for tag in tags:
+            if isinstance(tag, dict) and {"i", "l", "r"} <= tag.keys():
+                self._waiting.append((now + RESUME_RETRY_FOR, tag, outcome))
+        self._retry_resumes()
+
+    def _retry_resumes(self) -> None:
+        KSR = _ksr()
+        waiting, self._waiting = self._waiting, []
+        for deadline, tag, outcome in waiting:
+            ident = (int(tag["i"]), int(tag["l"]))
+            self._outcomes[ident] = outcome
+            try:
+                rc = KSR.tmx.t_continue(ident[0], ident[1], str(tag["r"]))
+            finally:
+                del self._outcomes[ident]
+            # A worker publishes its connect before it suspends: the outcome can be first.
+            if rc < 0 and time.monotonic() < deadline:
+                self._waiting.append((deadline, tag, outcome))
+            elif rc < 0:
+                KSR.err(f"tlsbridge: transaction {ident} could not be continued\n")
 
     def resync(self) -> bool:
         """Refill htable from the daemon's connection list (after a gap or a daemon restart)."""
@@ -244,11 +305,10 @@ class TlsBridge(RoutingMixin):
             return False
         self.stats["resyncs"] += 1
         KSR = _ksr()
+        del KSR
         for item in reply.get("conns", ()):
-            hairpin = (item.get("conn") or {}).get("hairpin")
-            if hairpin and item.get("tls"):
-                entry = {"conn": item["conn"], "tls": item["tls"]}
-                KSR.htable.sht_sets(self.htable, hairpin, json.dumps(entry, separators=(",", ":")))
+            if isinstance(item.get("conn"), dict):
+                self._remember(item["conn"], item.get("tls"), item.get("keys") or ())
         return True
 
 

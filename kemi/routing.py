@@ -8,16 +8,36 @@ which Kamailio's alias of that hairpin matches, always with `set_forward_no_conn
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tlsbridge.kemi.uri import SipUri, parse_uri
+from tlsbridge.shared import control as ctl
+from tlsbridge.shared.addr import is_ip, target_key
+from tlsbridge.shared.settings import Trunk
 
 if TYPE_CHECKING:
     from tlsbridge.kemi.bridge import BridgeConnection
+    from tlsbridge.shared.client import ControlClient
 
-# Marks a destination this module rewrote (dst URI parameters never reach the wire).
+# Marks destinations (dst URI parameters never reach the wire): `tlsb=ok` rewritten to a
+# hairpin, `tlsb=in` a registered TLS UA (reached over its own connection, never dialled).
 MARK = "tlsb"
 RR_XAVP = "$xavp(tlsb=>rr)"
+
+_PIN = re.compile(rf";{MARK}=([^;>,\s]+)")
+
+# prepare_relay() results
+RELAY, SUSPENDED, FAILED = 1, 0, -1
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the daemon answered for a connect: the declared peer, or why not."""
+
+    peer: str | None
+    reason: str = ""
 
 
 def _ksr() -> Any:
@@ -32,9 +52,14 @@ class RoutingMixin:
     tls_public: dict[str, str]
     sip_address: str | None
     received_avp: str
+    trunks: dict[str, Trunk]
+    htable: str
+    _outcomes: dict[tuple[int, int], Outcome]
 
     def from_bridge(self) -> bool: ...  # provided by TlsBridge
     def connection(self) -> BridgeConnection | None: ...  # provided by TlsBridge
+    @property
+    def control(self) -> ControlClient: ...  # provided by TlsBridge
 
     # -- request route ----------------------------------------------------------------------
 
@@ -45,35 +70,134 @@ class RoutingMixin:
             return
         pv = _ksr().pv
         peer = _hostport(str(pv.get("$si")), int(pv.get("$sp")))
-        pv.sets(self.received_avp, f"sip:{peer};transport=tls")
+        pv.sets(self.received_avp, f"sip:{peer};transport=tls;{MARK}=in")
 
     def record_route(self) -> None:
         """Instead of `rr.record_route()` for initial requests: the Record-Route is written per
         branch by `prepare_branch()`, with the address each side can reach."""
         _ksr().pv.sets(RR_XAVP, "1")
 
-    def prepare_relay(self) -> bool:
-        """Before `t_relay()` (and in the branch route): True if the target is TLS and the
-        request now goes over the bridge. Idempotent."""
-        uri = self._target()
-        if uri is None:
-            return False
-        if MARK in uri.params:
-            return True
-        if not uri.is_tls:
-            return False
+    def find_trunk(self) -> Trunk | None:
+        """The trunk whose `domains` hold the R-URI's domain or whose `prefixes` start its user
+        (the longest prefix wins)."""
+        pv = _ksr().pv
+        domain = str(pv.get("$rd") or "").lower()
+        user = str(pv.get("$rU") or "")
+        for trunk in self.trunks.values():
+            if domain in trunk.domains:
+                return trunk
+        best = max(((len(p), t) for t in self.trunks.values() for p in t.prefixes
+                    if user.startswith(p)), default=None, key=lambda x: x[0])
+        return best[1] if best else None
+
+    def route_to_trunk(self, trunk: Trunk | str) -> None:
+        """Send the request to a TLS trunk (the R-URI is kept); then `prepare_relay()`."""
+        t = self.trunks[trunk] if isinstance(trunk, str) else trunk
+        host = f"[{t.host}]" if ":" in t.host else t.host
+        params = f";tlsb_profile={t.profile}" + (f";tlsb_sni={t.sni}" if t.sni else "")
+        _ksr().setdsturi(f"sip:{host}:{t.port};transport=tls{params}")
+
+    def prepare_relay(self, resume_route: str | None = None) -> int:
+        """Before `t_relay()`: a TLS target goes over the bridge. Returns RELAY (go on and
+        relay), SUSPENDED (the daemon is connecting; the transaction continues in
+        `resume_route`, which should call this again) or FAILED (a reply was sent).
+
+        Without `resume_route` a TLS target with no live connection is not dialled: tm
+        answers 477. Registered TLS UAs are never dialled (they are reached over their own
+        connection or not at all). Idempotent; also call it from the branch route."""
         KSR = _ksr()
-        KSR.setdsturi(f"sip:{uri.hostport};transport=tcp;{MARK}")
+        uri = self._target()
+        if uri is None or uri.params.get(MARK) == "ok" or not uri.is_tls:
+            return RELAY
+        outcome = self._current_outcome()
+        if outcome is not None:
+            if outcome.peer is None:
+                KSR.tm.t_reply(503, f"TLS connect failed: {outcome.reason}"[:120])
+                return FAILED
+            self._over_hairpin(outcome.peer)
+            return RELAY
+        pinned = self._dialog_peer()
+        if pinned is not None:
+            self._over_hairpin(pinned)
+            return RELAY
+        if KSR.is_method_in("AC"):
+            resume_route = None  # ACK and CANCEL follow their INVITE; they never dial
+        if uri.params.get(MARK) == "in" or resume_route is None:
+            self._over_hairpin(uri.hostport)
+            return RELAY
+        sni = uri.params.get("tlsb_sni") or (None if is_ip(uri.host) else uri.host)
+        profile = uri.params.get("tlsb_profile") or "default"
+        port = uri.port or 5061
+        key = target_key(uri.host, port, sni, profile)
+        peer = self._known_peer(key, uri, plain=profile == "default" and sni in (None, uri.host))
+        if peer is not None:
+            self._over_hairpin(peer)
+            return RELAY
+        return self._connect_and_suspend(uri.host, port, sni, profile, resume_route)
+
+    def _dialog_peer(self) -> str | None:
+        """In a dialog set up over the bridge, requests towards the callee stay on the
+        connection the INVITE took (our Record-Route carries it as `tlsb=`): with two
+        identities to one server the callee's Contact alone does not say which."""
+        KSR = _ksr()
+        if KSR.siputils.has_totag() < 0 or KSR.rr.is_direction("downstream") < 0:
+            return None
+        routes = str(KSR.pv.get("$(hdr(Route)[*])") or "")
+        found = _PIN.search(routes)
+        return found.group(1) if found else None
+
+    def _over_hairpin(self, peer: str) -> None:
+        KSR = _ksr()
+        KSR.setdsturi(f"sip:{peer};transport=tcp;{MARK}=ok")
         # Without this Kamailio would open a plaintext TCP connection to the TLS peer.
         KSR.set_forward_no_connect()
-        return True
+
+    def _known_peer(self, key: str, uri: SipUri, *, plain: bool) -> str | None:
+        htable = _ksr().htable
+        peer = htable.sht_get(self.htable, f"o:{key}")
+        if peer:
+            return str(peer)
+        if plain and is_ip(uri.host) and htable.sht_get(self.htable, f"p:{uri.hostport}"):
+            return uri.hostport
+        return None
+
+    def _connect_and_suspend(self, host: str, port: int, sni: str | None, profile: str,
+                             resume_route: str) -> int:
+        KSR = _ksr()
+        if KSR.tm.t_newtran() < 0:
+            return FAILED
+        tindex, tlabel = int(KSR.pv.get("$T(id_index)")), int(KSR.pv.get("$T(id_label)"))
+        try:
+            self.control.send("connect", host=host, port=port, sni=sni, profile=profile,
+                              tag={"i": tindex, "l": tlabel, "r": resume_route})
+        except ctl.ControlError as exc:
+            KSR.err(f"tlsbridge: cannot ask for a TLS connection to {host}:{port}: {exc}\n")
+            KSR.tm.t_reply(503, "TLS bridge unavailable")
+            return FAILED
+        # The rtimer process continues the transaction when the outcome is published.
+        if KSR.tmx.t_suspend() < 0:
+            KSR.tm.t_reply(500, "Cannot suspend the transaction")
+            return FAILED
+        return SUSPENDED
+
+    def _current_outcome(self) -> Outcome | None:
+        if not self._outcomes:
+            return None
+        pv = _ksr().pv
+        try:
+            current = (int(pv.get("$T(id_index)")), int(pv.get("$T(id_label)")))
+        except (TypeError, ValueError):
+            return None
+        return self._outcomes.get(current)
 
     # -- branch route -----------------------------------------------------------------------
 
     def prepare_branch(self) -> int:
         """Call from the branch route (`KSR.tm.t_on_branch`): decides this branch's transport
         and writes its Record-Route when `record_route()` asked for one."""
-        tls_out = self.prepare_relay()
+        self.prepare_relay()
+        uri = self._target()
+        tls_out = uri is not None and uri.params.get(MARK) == "ok"
         if _ksr().pv.get(RR_XAVP):
             self._record_route_branch(tls_out)
         return 1
@@ -90,7 +214,11 @@ class RoutingMixin:
             return
         # The top Record-Route is the side the request goes to.
         hops = [outside] if outside == inside else [outside, inside]
-        _ksr().hdr.insert(record_route_headers(hops, _ksr().pv.get("$ft")))
+        pin = None
+        if tls_out:
+            target = self._target()
+            pin = target.hostport if target else None
+        _ksr().hdr.insert(record_route_headers(hops, _ksr().pv.get("$ft"), pin))
 
     def _target(self) -> SipUri | None:
         pv = _ksr().pv
@@ -130,7 +258,10 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def record_route_headers(hops: list[str], from_tag: str | None) -> str:
-    """Record-Route header lines, top first; `r2=on` marks the double Record-Route."""
+def record_route_headers(hops: list[str], from_tag: str | None, pin: str | None = None) -> str:
+    """Record-Route header lines, top first; `r2=on` marks the double Record-Route, `tlsb`
+    the hairpin peer later requests towards the callee must use."""
     params = ";lr" + (";r2=on" if len(hops) > 1 else "") + (f";ftag={from_tag}" if from_tag else "")
+    if pin:
+        params += f";{MARK}={pin}"
     return "".join(f"Record-Route: <sip:{hop}{params}>\r\n" for hop in hops)

@@ -43,3 +43,8 @@ def is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def target_key(host: str, port: int, sni: str | None, profile: str) -> str:
+    """Identity of an outbound connection: the same key is reused, another gets its own."""
+    return f"{format_addr(host, port)}|{sni or ''}|{profile}"

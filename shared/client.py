@@ -63,6 +63,15 @@ class ControlClient:
             if ctl.peek_id(body) == rid:
                 return ctl.decode_reply(body)
 
+    def send(self, op: str, **args: Any) -> None:
+        """Fire and forget (the daemon sends no reply); raises ControlError if unreachable."""
+        sock = self._socket()
+        frames = [b"", ctl.encode_request(op, next(self._ids), noreply=True, **args)]
+        # A fresh socket may still be connecting: wait for it, within the usual timeout.
+        if not sock.poll(self.timeout_ms, zmq.POLLOUT):
+            raise ctl.ControlError(UNAVAILABLE, f"daemon not reachable at {self.endpoint}")
+        sock.send_multipart(frames, flags=zmq.NOBLOCK)
+
     def close(self) -> None:
         if self._sock is not None and self._pid == os.getpid():
             self._sock.close(linger=0)

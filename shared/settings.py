@@ -10,9 +10,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tlsbridge.shared.addr import format_addr, parse_addr
+from tlsbridge.shared.addr import format_addr, is_ip, parse_addr
 
 DEFAULT_RUN_DIR = "/run/tlsbridge"
+
+
+@dataclass(frozen=True, slots=True)
+class Trunk:
+    """A TLS peer Kamailio sends to: dialled prefixes or domains route there."""
+
+    name: str
+    host: str
+    port: int
+    sni: str | None
+    profile: str = "default"
+    prefixes: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +38,7 @@ class BridgeSettings:
     tls_public: dict[str, str] = field(default_factory=dict)
     # where non-TLS peers reach Kamailio, for Record-Route across transports
     sip_address: str | None = None
+    trunks: dict[str, Trunk] = field(default_factory=dict)
 
 
 def run_dir_of(raw: dict[str, Any], base: Path) -> Path:
@@ -58,4 +72,31 @@ def load_settings(path: str | Path) -> BridgeSettings:
         control_endpoint=endpoint_of(raw, "control", run_dir),
         tls_public=tls_public,
         sip_address=format_addr(*parse_addr(sip, default_port=5060)) if sip else None,
+        trunks=trunks_of(raw, p),
     )
+
+
+def trunks_of(raw: dict[str, Any], path: Path) -> dict[str, Trunk]:
+    """`[trunk.NAME]` tables; raises ValueError naming the file and key."""
+    trunks = {}
+    for name, t in raw.get("trunk", {}).items():
+        where = f"{path}: key 'trunk.{name}"
+        if not isinstance(t, dict):
+            raise ValueError(f"{where}' must be a table")
+        try:
+            host, port = parse_addr(str(t["address"]), default_port=5061)
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{where}.address' missing or bad: {exc}") from None
+        for key in ("prefixes", "domains"):
+            if not isinstance(t.get(key, []), list):
+                raise ValueError(f"{where}.{key}' must be a list of strings")
+        trunks[name] = Trunk(
+            name=name,
+            host=host,
+            port=port,
+            sni=t.get("sni", None if is_ip(host) else host),
+            profile=str(t.get("client", "default")),
+            prefixes=tuple(str(x) for x in t.get("prefixes", [])),
+            domains=tuple(str(x).lower() for x in t.get("domains", [])),
+        )
+    return trunks

@@ -1,0 +1,861 @@
+"""The `gnutls` engine: GnuTLS (libgnutls.so.30) through a small ctypes binding.
+
+Ciphertext moves through in-memory push/pull transport callbacks, so the engine is as
+sans-IO as the OpenSSL one. Importing this module never fails: when the library cannot be
+loaded, `UNAVAILABLE` says why and building a context raises `GnuTLSUnavailable`.
+
+Facts use OpenSSL's names where they differ: the version is "TLSv1.3", and the cipher is the
+OpenSSL name of the negotiated suite (found by its IANA id through the stdlib ssl module),
+e.g. "ECDHE-RSA-AES256-GCM-SHA384"; a suite OpenSSL does not know gets its IANA name from
+gnutls_ciphersuite_get (GnuTLS >= 3.7.4), else GnuTLS's own name.
+
+Profile `ciphers` are OpenSSL cipher strings (TLS 1.2 and below). GnuTLS priorities enable
+key exchanges, ciphers and MACs separately, so the string is expanded by OpenSSL and
+rebuilt as a priority; a string whose suites are no such product is refused, and TLS 1.3
+uses the AEAD ciphers the string names (GnuTLS has one cipher list for both versions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import ipaddress
+import os
+import ssl
+from collections.abc import Sequence
+from ctypes import (
+    CFUNCTYPE,
+    POINTER,
+    Structure,
+    byref,
+    c_char_p,
+    c_int,
+    c_size_t,
+    c_ssize_t,
+    c_uint,
+    c_void_p,
+)
+from functools import cache
+from typing import Any
+
+from tlsbridge.daemon.config import ConfigError, ServerProfile
+from tlsbridge.daemon.engines.base import TlsEngine, TlsError
+from tlsbridge.shared.facts import (
+    VERIFY_ERROR_NO_PEER_CERT,
+    VERIFY_ERROR_NOT_VERIFIED,
+    CertInfo,
+    TlsFacts,
+)
+
+__all__ = [
+    "SERVER_VERIFY_MODES",
+    "UNAVAILABLE",
+    "GnuTLSContext",
+    "GnuTLSEngine",
+    "GnuTLSUnavailable",
+    "client_context",
+    "library_version",
+    "server_context",
+]
+
+LIBRARY = "libgnutls.so.30"
+MIN_VERSION = "3.6.5"  # first release with TLS 1.3 on by default
+SERVER_VERIFY_MODES = ("off", "optional", "on", "optional_no_ca")
+
+# gnutls.h
+_SERVER, _CLIENT, _NONBLOCK, _NO_SIGNAL, _NO_TICKETS = 1, 2, 1 << 3, 1 << 6, 1 << 10
+_CRD_CERTIFICATE = 1
+_X509_FMT_PEM = 1
+_CRT_X509 = 1
+_SHUT_WR = 1
+_NAME_DNS = 1
+_CERT_IGNORE, _CERT_REQUEST, _CERT_REQUIRE = 0, 1, 2
+_ALPN_SERVER_PRECEDENCE = 1 << 1
+_DT_DNS_HOSTNAME, _DT_KEY_PURPOSE_OID, _DT_IP_ADDRESS = 1, 2, 4
+_KP_TLS_WWW_SERVER = b"1.3.6.1.5.5.7.3.1"
+_KP_TLS_WWW_CLIENT = b"1.3.6.1.5.5.7.3.2"
+_AL_WARNING, _A_NO_RENEGOTIATION = 1, 100
+_E_UNEXPECTED_PACKET_LENGTH = -9
+_E_FATAL_ALERT_RECEIVED = -12
+_E_AGAIN = -28
+_E_REHANDSHAKE = -37
+_E_CERTIFICATE_ERROR = -43
+_E_INTERRUPTED = -52
+_E_SHORT_MEMORY_BUFFER = -51
+_E_PULL_ERROR = -54
+_E_PREMATURE_TERMINATION = -110
+_E_CERTIFICATE_VERIFICATION_ERROR = -348
+_EOF_ERRORS = (_E_PREMATURE_TERMINATION, _E_UNEXPECTED_PACKET_LENGTH, _E_PULL_ERROR)
+_RECORD_SIZE = 16384  # the largest TLS plaintext record
+_MAX_NONFATAL = 64  # bound on consecutive warnings before giving up
+
+
+class _Datum(Structure):
+    _fields_ = [("data", c_void_p), ("size", c_uint)]
+
+
+class _TypedVData(Structure):
+    _fields_ = [("type", c_int), ("data", c_char_p), ("size", c_uint)]
+
+
+_PushFunc = CFUNCTYPE(c_ssize_t, c_void_p, c_void_p, c_size_t)
+_PullFunc = CFUNCTYPE(c_ssize_t, c_void_p, c_void_p, c_size_t)
+_PullTimeoutFunc = CFUNCTYPE(c_int, c_void_p, c_uint)
+_VerifyFunc = CFUNCTYPE(c_int, c_void_p)
+_FreeFunc = CFUNCTYPE(None, c_void_p)
+
+_P = c_void_p
+_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    "gnutls_check_version": (c_char_p, [c_char_p]),
+    "gnutls_strerror": (c_char_p, [c_int]),
+    "gnutls_strerror_name": (c_char_p, [c_int]),
+    "gnutls_error_is_fatal": (c_int, [c_int]),
+    "gnutls_init": (c_int, [POINTER(c_void_p), c_uint]),
+    "gnutls_deinit": (None, [_P]),
+    "gnutls_priority_init": (c_int, [POINTER(c_void_p), c_char_p, POINTER(c_char_p)]),
+    "gnutls_priority_deinit": (None, [_P]),
+    "gnutls_priority_set": (c_int, [_P, _P]),
+    "gnutls_credentials_set": (c_int, [_P, c_int, _P]),
+    "gnutls_certificate_allocate_credentials": (c_int, [POINTER(c_void_p)]),
+    "gnutls_certificate_free_credentials": (None, [_P]),
+    "gnutls_certificate_set_x509_key_file2": (
+        c_int, [_P, c_char_p, c_char_p, c_int, c_char_p, c_uint]),
+    "gnutls_certificate_set_x509_trust_file": (c_int, [_P, c_char_p, c_int]),
+    "gnutls_certificate_set_x509_system_trust": (c_int, [_P]),
+    "gnutls_certificate_set_verify_limits": (None, [_P, c_uint, c_uint]),
+    "gnutls_certificate_server_set_request": (None, [_P, c_int]),
+    "gnutls_certificate_send_x509_rdn_sequence": (None, [_P, c_int]),
+    "gnutls_certificate_get_peers": (POINTER(_Datum), [_P, POINTER(c_uint)]),
+    "gnutls_certificate_verify_peers": (c_int, [_P, POINTER(_TypedVData), c_uint, POINTER(c_uint)]),
+    "gnutls_certificate_verification_status_print": (
+        c_int, [c_uint, c_int, POINTER(_Datum), c_uint]),
+    "gnutls_session_set_verify_function": (None, [_P, _VerifyFunc]),
+    "gnutls_transport_set_push_function": (None, [_P, _PushFunc]),
+    "gnutls_transport_set_pull_function": (None, [_P, _PullFunc]),
+    "gnutls_transport_set_pull_timeout_function": (None, [_P, _PullTimeoutFunc]),
+    "gnutls_transport_set_errno": (None, [_P, c_int]),
+    "gnutls_handshake": (c_int, [_P]),
+    "gnutls_handshake_set_timeout": (None, [_P, c_uint]),
+    "gnutls_record_recv": (c_ssize_t, [_P, c_void_p, c_size_t]),
+    "gnutls_record_send": (c_ssize_t, [_P, c_void_p, c_size_t]),
+    "gnutls_bye": (c_int, [_P, c_int]),
+    "gnutls_alert_get": (c_int, [_P]),
+    "gnutls_alert_get_name": (c_char_p, [c_int]),
+    "gnutls_alert_send": (c_int, [_P, c_int, c_int]),
+    "gnutls_alert_send_appropriate": (c_int, [_P, c_int]),
+    "gnutls_server_name_set": (c_int, [_P, c_int, c_char_p, c_size_t]),
+    "gnutls_server_name_get": (c_int, [_P, c_void_p, POINTER(c_size_t), POINTER(c_uint), c_uint]),
+    "gnutls_alpn_set_protocols": (c_int, [_P, POINTER(_Datum), c_uint, c_uint]),
+    "gnutls_alpn_get_selected_protocol": (c_int, [_P, POINTER(_Datum)]),
+    "gnutls_protocol_get_version": (c_int, [_P]),
+    "gnutls_protocol_get_name": (c_char_p, [c_int]),
+    "gnutls_cipher_get": (c_int, [_P]),
+    "gnutls_kx_get": (c_int, [_P]),
+    "gnutls_mac_get": (c_int, [_P]),
+    "gnutls_cipher_get_key_size": (c_size_t, [c_int]),
+    "gnutls_cipher_get_name": (c_char_p, [c_int]),
+    "gnutls_kx_get_name": (c_char_p, [c_int]),
+    "gnutls_mac_get_name": (c_char_p, [c_int]),
+    "gnutls_cipher_suite_info": (
+        c_char_p, [c_size_t, c_char_p, POINTER(c_int), POINTER(c_int), POINTER(c_int),
+                   POINTER(c_int)]),
+    "gnutls_session_is_resumed": (c_int, [_P]),
+}
+
+
+class GnuTLSUnavailable(ConfigError):
+    """libgnutls cannot be used on this machine; the message says why."""
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    try:
+        lib = ctypes.CDLL(LIBRARY)
+    except OSError as exc:
+        return None, f"{LIBRARY} cannot be loaded ({exc}); install the libgnutls30 package"
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            return None, f"{LIBRARY} has no {name}; GnuTLS >= {MIN_VERSION} is needed"
+        fn.restype, fn.argtypes = restype, argtypes
+    # Optional: 3.7.4 and later name the negotiated suite as IANA does.
+    suite_name = getattr(lib, "gnutls_ciphersuite_get", None)
+    if suite_name is not None:
+        suite_name.restype, suite_name.argtypes = c_char_p, [_P]
+    if not lib.gnutls_check_version(MIN_VERSION.encode()):
+        found = lib.gnutls_check_version(None).decode()
+        return None, f"GnuTLS {found} is too old; >= {MIN_VERSION} is needed"
+    return lib, None
+
+
+_lib, UNAVAILABLE = _load()
+"""None when GnuTLS can be used, else the reason it cannot."""
+
+
+def library_version() -> str | None:
+    """The runtime GnuTLS version, e.g. "3.7.9", or None if unavailable."""
+    return None if _lib is None else _lib.gnutls_check_version(None).decode()
+
+
+def _need_lib() -> ctypes.CDLL:
+    if _lib is None:
+        raise GnuTLSUnavailable(f"engine gnutls unavailable: {UNAVAILABLE}")
+    return _lib
+
+
+def _strerror(code: int) -> str:
+    lib = _need_lib()
+    text = lib.gnutls_strerror(code)
+    return text.decode() if text else f"GnuTLS error {code}"
+
+
+def _gnutls_free(ptr: int | None) -> None:
+    if ptr:
+        # gnutls_free is a variable holding the deallocator, not a function.
+        _FreeFunc(c_void_p.in_dll(_need_lib(), "gnutls_free").value)(ptr)
+
+
+def _status_text(status: int) -> str:
+    lib = _need_lib()
+    out = _Datum()
+    if lib.gnutls_certificate_verification_status_print(status, _CRT_X509, byref(out), 0) < 0:
+        return f"certificate verification status {status:#x}"
+    try:
+        return ctypes.string_at(out.data, out.size).decode("utf-8", "replace").strip()
+    finally:
+        _gnutls_free(out.data)
+
+
+# ---- cipher suites: GnuTLS's table, OpenSSL's names ------------------------------------
+
+
+@cache
+def _suites() -> tuple[tuple[str, int, int, int, int, int], ...]:
+    """(GnuTLS name, IANA id, kx, cipher, mac, min version) of every suite GnuTLS knows."""
+    lib = _need_lib()
+    out = []
+    idx = 0
+    while True:
+        cs_id = ctypes.create_string_buffer(2)
+        kx, cipher, mac, version = c_int(), c_int(), c_int(), c_int()
+        name = lib.gnutls_cipher_suite_info(
+            idx, cs_id, byref(kx), byref(cipher), byref(mac), byref(version)
+        )
+        if not name:
+            break
+        ident = int.from_bytes(cs_id.raw, "big")
+        out.append((name.decode(), ident, kx.value, cipher.value, mac.value, version.value))
+        idx += 1
+    return tuple(out)
+
+
+def _is_tls13_suite(ident: int) -> bool:
+    return 0x1301 <= ident <= 0x13FF
+
+
+@cache
+def _openssl_names() -> dict[int, str]:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.set_ciphers("ALL:COMPLEMENTOFALL:@SECLEVEL=0")
+    return {c["id"] & 0xFFFF: c["name"] for c in ctx.get_ciphers()}
+
+
+def _name(lib: ctypes.CDLL, fn: str, value: int) -> str:
+    raw = getattr(lib, fn)(value)
+    return raw.decode() if raw else ""
+
+
+def _cipher_priority(profile: ServerProfile, ciphers: str) -> str:
+    """The priority tokens that enable exactly the TLS 1.2 suites of OpenSSL string `ciphers`."""
+    where = f"profile '{profile.name}'"
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        probe.set_ciphers(ciphers)
+    except ssl.SSLError:
+        raise ConfigError(f"{where}: no usable cipher in '{ciphers}'") from None
+    if profile.min_version == "TLSv1.3":
+        return ""  # as with OpenSSL, the string only concerns TLS 1.2
+    tls12 = {s[1]: s for s in _suites() if not _is_tls13_suite(s[1])}
+    chosen = [tls12[i] for i in (c["id"] & 0xFFFF for c in probe.get_ciphers()) if i in tls12]
+    if not chosen:
+        raise ConfigError(f"{where}: GnuTLS supports no cipher suite in '{ciphers}'")
+    kxs = list(dict.fromkeys(s[2] for s in chosen))
+    algos = list(dict.fromkeys(s[3] for s in chosen))
+    macs = list(dict.fromkeys(s[4] for s in chosen))
+    enabled = {s[1] for s in tls12.values() if s[2] in kxs and s[3] in algos and s[4] in macs}
+    extra = enabled - {s[1] for s in chosen}
+    if extra:
+        names = ", ".join(sorted(_openssl_names().get(i, tls12[i][0]) for i in extra))
+        raise ConfigError(
+            f"{where}: GnuTLS enables key exchanges, ciphers and MACs separately, so "
+            f"'{ciphers}' would also enable {names}; list those too or pick another engine"
+        )
+    tls13 = {s[3] for s in _suites() if _is_tls13_suite(s[1])}
+    if profile.max_version == "TLSv1.3" and tls13.isdisjoint(algos):
+        raise ConfigError(
+            f"{where}: with GnuTLS, TLS 1.3 uses the AEAD ciphers of '{ciphers}', "
+            f"and it has none; add one or set max_version = \"TLSv1.2\""
+        )
+    lib = _need_lib()
+    # An AEAD cipher comes with the AEAD "MAC" that TLS 1.3 needs too.
+    parts = ["-CIPHER-ALL", *(f"+{_name(lib, 'gnutls_cipher_get_name', c)}" for c in algos)]
+    parts += ["-MAC-ALL", *(f"+{_name(lib, 'gnutls_mac_get_name', m)}" for m in macs)]
+    parts += ["-KX-ALL", *(f"+{_name(lib, 'gnutls_kx_get_name', k)}" for k in kxs)]
+    return ":".join(parts)
+
+
+def _versions(min_version: str, max_version: str) -> str:
+    order = ("TLSv1.2", "TLSv1.3")
+    keep = order[order.index(min_version) : order.index(max_version) + 1]
+    return "-VERS-ALL:" + ":".join(f"+VERS-TLS{v[4:]}" for v in reversed(keep))
+
+
+# ---- contexts ---------------------------------------------------------------------------
+
+
+class GnuTLSContext:
+    """Credentials and priorities shared by all sessions of one side; build with
+    `server_context` or `client_context`. Sessions keep it alive; `free()` is idempotent."""
+
+    def __init__(
+        self,
+        *,
+        server_side: bool,
+        priority: str,
+        verify: str,
+        alpn: Sequence[str] = (),
+        verify_depth: int = 9,
+        local_cert: CertInfo | None = None,
+    ) -> None:
+        lib = _need_lib()
+        self.server_side = server_side
+        self.verify = verify
+        self.priority_string = priority
+        self.local_cert = local_cert
+        self._cred: c_void_p | None = None
+        self._prio: c_void_p | None = None
+        cred = c_void_p()
+        _check(lib.gnutls_certificate_allocate_credentials(byref(cred)), "credentials")
+        self._cred = cred
+        # GnuTLS counts every certificate of the chain; OpenSSL's depth counts intermediates.
+        lib.gnutls_certificate_set_verify_limits(cred, 16384, verify_depth + 2)
+        prio, err_pos = c_void_p(), c_char_p()
+        rc = lib.gnutls_priority_init(byref(prio), priority.encode(), byref(err_pos))
+        if rc < 0:
+            at = f" at '{err_pos.value.decode()}'" if err_pos.value else ""
+            raise ValueError(f"GnuTLS priority '{priority}' refused{at}: {_strerror(rc)}")
+        self._prio = prio
+        # GnuTLS copies the protocols into each session; the buffers live as long as we do.
+        self._alpn_bufs = [ctypes.create_string_buffer(p.encode(), len(p.encode())) for p in alpn]
+        self._alpn = (_Datum * len(alpn))(
+            *(_Datum(ctypes.cast(b, c_void_p), len(b)) for b in self._alpn_bufs)
+        )
+
+    def load_key_pair(self, cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> None:
+        """Our certificate chain and key (PEM); raises ValueError with GnuTLS's reason."""
+        rc = _need_lib().gnutls_certificate_set_x509_key_file2(
+            self._cred, os.fsencode(cert), os.fsencode(key), _X509_FMT_PEM, None, 0
+        )
+        if rc < 0:
+            raise ValueError(_strerror(rc))
+
+    def load_trust(self, ca_file: str | os.PathLike[str] | None) -> None:
+        """Trust the CAs of a PEM file (None: the system's); raises ValueError."""
+        lib = _need_lib()
+        if ca_file is None:
+            rc = lib.gnutls_certificate_set_x509_system_trust(self._cred)
+        else:
+            rc = lib.gnutls_certificate_set_x509_trust_file(
+                self._cred, os.fsencode(ca_file), _X509_FMT_PEM
+            )
+        if rc < 0:
+            raise ValueError(_strerror(rc))
+        if rc == 0 and ca_file is not None:
+            raise ValueError("no certificate in the file")
+
+    def free(self) -> None:
+        """Release the GnuTLS objects; only once no session uses them."""
+        lib = _lib
+        if lib is None:
+            return
+        if self._prio is not None:
+            lib.gnutls_priority_deinit(self._prio)
+            self._prio = None
+        if self._cred is not None:
+            lib.gnutls_certificate_free_credentials(self._cred)
+            self._cred = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown may have torn ctypes down
+            self.free()
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        raise ValueError(f"GnuTLS {what}: {_strerror(rc)}")
+    return rc
+
+
+def server_context(profile: ServerProfile) -> GnuTLSContext:
+    """A server context for `profile`; raises ConfigError naming the profile and the file."""
+    from tlsbridge.daemon.certinfo import cert_info_from_pem_file
+
+    where = f"profile '{profile.name}'"
+    _need_lib()
+    if profile.verify_client not in SERVER_VERIFY_MODES:
+        raise ConfigError(f"{where}: verify_client {profile.verify_client!r} is not one of "
+                          f"{', '.join(SERVER_VERIFY_MODES)}")
+    prio = ["NORMAL", _versions(profile.min_version, profile.max_version)]
+    if profile.ciphers:
+        prio.append(_cipher_priority(profile, profile.ciphers))
+    prio.append("%SERVER_PRECEDENCE")
+    try:
+        ctx = GnuTLSContext(
+            server_side=True,
+            priority=":".join(p for p in prio if p),
+            verify=profile.verify_client,
+            alpn=profile.alpn,
+            verify_depth=profile.verify_depth,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    try:
+        ctx.load_key_pair(profile.certificate, profile.private_key)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{where}: certificate {profile.certificate} and key {profile.private_key} "
+            f"cannot be used: {exc}"
+        ) from None
+    if profile.ca_list is not None:
+        try:
+            ctx.load_trust(profile.ca_list)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: CA list {profile.ca_list} unusable: {exc}") from None
+    try:
+        ctx.local_cert = cert_info_from_pem_file(profile.certificate)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{where}: certificate {profile.certificate}: {exc}") from None
+    return ctx
+
+
+def client_context(
+    *,
+    ca_file: str | os.PathLike[str] | None,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+    verify: bool = True,
+    alpn: Sequence[str] = (),
+) -> GnuTLSContext:
+    """A client context; `ca_file` None trusts the system's CAs. Raises ValueError."""
+    from tlsbridge.daemon.certinfo import cert_info_from_pem_file
+
+    ctx = GnuTLSContext(
+        server_side=False,
+        priority="NORMAL:" + _versions("TLSv1.2", "TLSv1.3"),
+        verify="on" if verify else "off",
+        alpn=alpn,
+    )
+    if cert is not None:
+        try:
+            ctx.load_key_pair(cert, key if key is not None else cert)
+            ctx.local_cert = cert_info_from_pem_file(cert)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"client certificate {cert} or key {key} unusable: {exc}") from None
+    if verify:
+        try:
+            ctx.load_trust(ca_file)
+        except ValueError as exc:
+            raise ValueError(f"CA file {ca_file} unusable: {exc}") from None
+    return ctx
+
+
+# ---- sessions ---------------------------------------------------------------------------
+
+
+class _State:
+    """What the C callbacks touch; they hold this, not the engine, so no cycle keeps it."""
+
+    __slots__ = (
+        "callback_error", "eof", "hostname", "inbuf", "out", "server_side", "session",
+        "verified", "verify", "verify_error",
+    )
+
+    def __init__(self, server_side: bool, verify: str, hostname: str | None) -> None:
+        self.inbuf = bytearray()
+        self.out = bytearray()
+        self.eof = False
+        self.session = c_void_p()
+        self.server_side = server_side
+        self.verify = verify
+        self.hostname = hostname
+        self.verified = False
+        self.verify_error: str | None = None
+        self.callback_error: str | None = None
+
+
+def _callbacks(st: _State) -> tuple[Any, Any, Any, Any]:
+    lib = _need_lib()
+
+    def fail(where: str, exc: BaseException) -> int:
+        st.callback_error = f"{where} callback failed: {exc!r}"
+        with contextlib.suppress(BaseException):
+            lib.gnutls_transport_set_errno(st.session, errno.EIO)
+        return -1
+
+    def push(_ptr: Any, data: int, size: int) -> int:
+        try:
+            st.out += ctypes.string_at(data, size)
+            return size
+        except BaseException as exc:
+            return fail("push", exc)
+
+    def pull(_ptr: Any, data: int, size: int) -> int:
+        try:
+            n = min(size, len(st.inbuf))
+            if n:
+                ctypes.memmove(data, bytes(st.inbuf[:n]), n)
+                del st.inbuf[:n]
+                return n
+            if st.eof:
+                return 0
+            lib.gnutls_transport_set_errno(st.session, errno.EAGAIN)
+            return -1
+        except BaseException as exc:
+            return fail("pull", exc)
+
+    def pull_timeout(_ptr: Any, _ms: int) -> int:
+        # Never wait: the default would select() on the transport pointer as an fd.
+        try:
+            if st.inbuf or st.eof:
+                return 1
+            lib.gnutls_transport_set_errno(st.session, errno.EAGAIN)
+            return -1
+        except BaseException as exc:
+            return fail("pull timeout", exc)
+
+    def verify(_session: Any) -> int:
+        try:
+            return _verify_peer(lib, st)
+        except BaseException as exc:
+            st.verify_error = f"verify callback failed: {exc!r}"
+            return -1
+
+    return _PushFunc(push), _PullFunc(pull), _PullTimeoutFunc(pull_timeout), _VerifyFunc(verify)
+
+
+def _verify_peer(lib: ctypes.CDLL, st: _State) -> int:
+    """Called by GnuTLS once the peer's certificate arrived; non-zero aborts the handshake."""
+    count = c_uint()
+    if not lib.gnutls_certificate_get_peers(st.session, byref(count)) or not count.value:
+        return 0  # nothing sent: GNUTLS_CERT_REQUIRE already refuses that when it must
+    data = [_TypedVData(
+        _DT_KEY_PURPOSE_OID,
+        _KP_TLS_WWW_CLIENT if st.server_side else _KP_TLS_WWW_SERVER,
+        0,
+    )]
+    if st.hostname:
+        try:
+            ip = ipaddress.ip_address(st.hostname)
+        except ValueError:
+            data.append(_TypedVData(_DT_DNS_HOSTNAME, st.hostname.encode("idna"), 0))
+        else:
+            data.append(_TypedVData(_DT_IP_ADDRESS, ip.packed, len(ip.packed)))
+    vdata = (_TypedVData * len(data))(*data)
+    status = c_uint()
+    rc = lib.gnutls_certificate_verify_peers(st.session, vdata, len(data), byref(status))
+    if rc < 0:
+        st.verify_error = _strerror(rc)
+    elif status.value:
+        st.verify_error = _status_text(status.value)
+    else:
+        st.verified = True
+        return 0
+    return 0 if st.verify == "optional_no_ca" else -1
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class GnuTLSEngine(TlsEngine):
+    """One GnuTLS session on in-memory transport callbacks."""
+
+    name = "gnutls"
+
+    def __init__(
+        self,
+        ctx: GnuTLSContext,
+        *,
+        server_hostname: str | None = None,
+        sni: str | None = None,
+        local_cert: CertInfo | None = None,
+    ) -> None:
+        """The side comes from `ctx`. `server_hostname` is checked against the server's
+        certificate and is the default SNI (never for an IP literal); `sni` overrides the
+        name sent, "" sends none."""
+        self._session: c_void_p | None = None
+        lib = _need_lib()
+        self._ctx = ctx  # the credentials must outlive the session
+        self._local_cert = local_cert if local_cert is not None else ctx.local_cert
+        self._failure: TlsError | None = None
+        self._sni: str | None = None
+        server = ctx.server_side
+        st = self._st = _State(server, ctx.verify, None if server else server_hostname)
+        flags = (_SERVER if server else _CLIENT) | _NONBLOCK | _NO_SIGNAL | _NO_TICKETS
+        _check(lib.gnutls_init(byref(st.session), flags), "session")
+        self._session = st.session
+        self._callbacks = _callbacks(st)  # ctypes frees a callback with its last reference
+        push, pull, pull_timeout, verify = self._callbacks
+        s = st.session
+        _check(lib.gnutls_priority_set(s, ctx._prio), "priority")
+        _check(lib.gnutls_credentials_set(s, _CRD_CERTIFICATE, ctx._cred), "credentials")
+        lib.gnutls_handshake_set_timeout(s, 0)  # the relay times handshakes out itself
+        lib.gnutls_transport_set_push_function(s, push)
+        lib.gnutls_transport_set_pull_function(s, pull)
+        lib.gnutls_transport_set_pull_timeout_function(s, pull_timeout)
+        if ctx.verify != "off":
+            lib.gnutls_session_set_verify_function(s, verify)
+        if server:
+            request = {"off": _CERT_IGNORE, "on": _CERT_REQUIRE}.get(ctx.verify, _CERT_REQUEST)
+            lib.gnutls_certificate_server_set_request(s, request)
+            # OpenSSL servers send no CA names either; with them a GnuTLS client withholds
+            # a certificate from another CA, which optional_no_ca exists to accept.
+            lib.gnutls_certificate_send_x509_rdn_sequence(s, 1)
+        else:
+            if sni is None and server_hostname and not _is_ip_literal(server_hostname):
+                sni = server_hostname
+            if sni:
+                raw = sni.encode("idna")
+                _check(lib.gnutls_server_name_set(s, _NAME_DNS, raw, len(raw)), "server name")
+                self._sni = sni
+        if ctx._alpn:
+            flags = _ALPN_SERVER_PRECEDENCE if server else 0
+            _check(lib.gnutls_alpn_set_protocols(s, ctx._alpn, len(ctx._alpn), flags), "ALPN")
+        self.peer_closed = False
+        self.handshake_done = False
+
+    # -- helpers
+
+    def _live_session(self) -> c_void_p:
+        if self._session is None:
+            raise TlsError("tls_error", "session already freed")
+        return self._session
+
+    def _at_eof(self) -> bool:
+        return self._st.eof and not self._st.inbuf
+
+    def _made_progress(self, before: int) -> bool:
+        # GnuTLS also answers E_AGAIN after a post-handshake message (a TLS 1.3 ticket,
+        # a key update) or a short read: go on while it consumes input that is there, or
+        # until it meets the EOF. A partial record without EOF leaves no input: wait.
+        left = len(self._st.inbuf)
+        return left < before and (left > 0 or self._st.eof)
+
+    def _alert_text(self) -> str:
+        lib = _need_lib()
+        name = lib.gnutls_alert_get_name(lib.gnutls_alert_get(self._live_session()))
+        return f"received alert: {name.decode() if name else 'unknown'}"
+
+    def _handshake_error(self, rc: int) -> TlsError:
+        st = self._st
+        if rc == _E_FATAL_ALERT_RECEIVED:
+            return TlsError("handshake_failed", self._alert_text())
+        if rc in _EOF_ERRORS and self._at_eof():
+            return TlsError("eof_in_handshake", "peer closed during the handshake")
+        # Tell the peer why, as OpenSSL does; GnuTLS leaves that to the caller.
+        _need_lib().gnutls_alert_send_appropriate(self._live_session(), rc)
+        if st.callback_error:
+            return TlsError("handshake_failed", st.callback_error)
+        if st.verify_error and rc in (_E_CERTIFICATE_ERROR, _E_CERTIFICATE_VERIFICATION_ERROR):
+            return TlsError("verify_failed", st.verify_error)
+        return TlsError("handshake_failed", _strerror(rc))
+
+    # -- TlsEngine
+
+    def receive(self, ciphertext: bytes) -> None:
+        self._st.inbuf += ciphertext
+
+    def receive_eof(self) -> None:
+        self._st.eof = True
+
+    def handshake(self) -> bool:
+        if self.handshake_done:
+            return True
+        if self._failure is not None:
+            raise self._failure
+        lib = _need_lib()
+        session = self._live_session()
+        for _ in range(_MAX_NONFATAL):
+            before = len(self._st.inbuf)
+            rc = lib.gnutls_handshake(session)
+            if rc == 0:
+                self.handshake_done = True
+                return True
+            if rc in (_E_AGAIN, _E_INTERRUPTED) and not self._st.callback_error:
+                if not self._made_progress(before):
+                    return False
+                continue
+            if not lib.gnutls_error_is_fatal(rc) and not self._st.callback_error:
+                continue  # a warning alert: carry on
+            break
+        self._failure = self._handshake_error(rc)
+        raise self._failure
+
+    def read(self) -> bytes:
+        if not self.handshake_done:
+            return b""
+        lib = _need_lib()
+        session = self._live_session()
+        buf = ctypes.create_string_buffer(_RECORD_SIZE)
+        chunks = []
+        nonfatal = 0
+        while not self.peer_closed:
+            before = len(self._st.inbuf)
+            n = lib.gnutls_record_recv(session, buf, _RECORD_SIZE)
+            if n > 0:
+                chunks.append(buf.raw[:n])
+                nonfatal = 0
+            elif n == 0:
+                self.peer_closed = True
+            elif n in (_E_AGAIN, _E_INTERRUPTED) and not self._st.callback_error:
+                if not self._made_progress(before):
+                    break
+            elif n in _EOF_ERRORS and self._at_eof():
+                # TCP FIN without close_notify: the stream still ends here.
+                self.peer_closed = True
+            elif n == _E_REHANDSHAKE:
+                lib.gnutls_alert_send(session, _AL_WARNING, _A_NO_RENEGOTIATION)
+            elif self._st.callback_error:
+                raise TlsError("tls_error", self._st.callback_error)
+            elif n == _E_FATAL_ALERT_RECEIVED:
+                raise TlsError("tls_error", self._alert_text())
+            elif lib.gnutls_error_is_fatal(n) or nonfatal >= _MAX_NONFATAL:
+                raise TlsError("tls_error", _strerror(n))
+            else:
+                nonfatal += 1  # a warning alert: carry on
+        return b"".join(chunks)
+
+    def write(self, plaintext: bytes) -> None:
+        if not plaintext:
+            return
+        lib = _need_lib()
+        session = self._live_session()
+        buf = ctypes.create_string_buffer(plaintext, len(plaintext))
+        base, off = ctypes.addressof(buf), 0
+        while off < len(plaintext):
+            n = lib.gnutls_record_send(session, base + off, len(plaintext) - off)
+            if n > 0:
+                off += n
+            elif n in (_E_AGAIN, _E_INTERRUPTED) and not self._st.callback_error:
+                continue  # the push callback never blocks; GnuTLS retries with the rest
+            else:
+                raise TlsError("tls_error", self._st.callback_error or _strerror(n))
+
+    def close(self) -> None:
+        if self._session is not None and self.handshake_done:
+            # SHUT_WR: queue our close_notify without waiting for the peer's.
+            _need_lib().gnutls_bye(self._session, _SHUT_WR)
+
+    def outgoing(self) -> bytes:
+        out = bytes(self._st.out)
+        self._st.out.clear()
+        return out
+
+    def facts(self) -> TlsFacts:
+        if not self.handshake_done:
+            raise ValueError("TLS handshake has not completed")
+        lib = _need_lib()
+        s = self._live_session()
+        peer_der = self._peer_der(lib, s)
+        peer: CertInfo | None = None
+        if peer_der is not None:
+            from tlsbridge.daemon.certinfo import cert_info_from_der
+
+            # GnuTLS accepted what cryptography cannot parse: report presence only.
+            with contextlib.suppress(ValueError):
+                peer = cert_info_from_der(peer_der)
+        if peer_der is None:
+            verified, verify_error = False, VERIFY_ERROR_NO_PEER_CERT
+        elif self._st.verify == "off":
+            verified, verify_error = False, VERIFY_ERROR_NOT_VERIFIED
+        else:
+            verified, verify_error = self._st.verified, self._st.verify_error
+        version = _name(lib, "gnutls_protocol_get_name", lib.gnutls_protocol_get_version(s))
+        cipher = lib.gnutls_cipher_get(s)
+        tls13 = version == "TLS1.3"
+        return TlsFacts(
+            version=version.replace("TLS1.", "TLSv1.", 1),
+            cipher=self._cipher_name(lib, s, cipher, tls13),
+            cipher_bits=int(lib.gnutls_cipher_get_key_size(cipher)) * 8,
+            sni=self._server_sni(lib, s) if self._ctx.server_side else self._sni,
+            alpn=self._alpn(lib, s),
+            resumed=bool(lib.gnutls_session_is_resumed(s)),
+            peer_cert_present=peer_der is not None,
+            peer_verified=verified,
+            verify_error=verify_error,
+            peer=peer,
+            local=self._local_cert,
+            engine=self.name,
+        )
+
+    @staticmethod
+    def _peer_der(lib: ctypes.CDLL, s: c_void_p) -> bytes | None:
+        count = c_uint()
+        certs = lib.gnutls_certificate_get_peers(s, byref(count))
+        if not certs or not count.value:
+            return None
+        return ctypes.string_at(certs[0].data, certs[0].size)
+
+    @staticmethod
+    def _cipher_name(lib: ctypes.CDLL, s: c_void_p, cipher: int, tls13: bool) -> str:
+        kx, mac = lib.gnutls_kx_get(s), lib.gnutls_mac_get(s)
+        fallback = _name(lib, "gnutls_cipher_get_name", cipher)
+        for name, ident, skx, scipher, smac, _ in _suites():
+            if _is_tls13_suite(ident) != tls13 or scipher != cipher:
+                continue
+            if tls13 or (skx == kx and smac == mac):
+                if ident in _openssl_names():
+                    return _openssl_names()[ident]
+                fallback = name
+                break
+        # A suite OpenSSL does not know: IANA's name where GnuTLS can tell, else GnuTLS's.
+        iana = getattr(lib, "gnutls_ciphersuite_get", None)
+        raw = iana(s) if iana is not None else None
+        return raw.decode() if raw else fallback
+
+    @staticmethod
+    def _server_sni(lib: ctypes.CDLL, s: c_void_p) -> str | None:
+        size = c_size_t(256)
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size.value + 1)
+            kind = c_uint()
+            rc = lib.gnutls_server_name_get(s, buf, byref(size), byref(kind), 0)
+            if rc == _E_SHORT_MEMORY_BUFFER:
+                continue
+            if rc < 0 or kind.value != _NAME_DNS:
+                return None
+            return buf.raw[: size.value].decode("ascii", "replace")
+        return None
+
+    @staticmethod
+    def _alpn(lib: ctypes.CDLL, s: c_void_p) -> str | None:
+        proto = _Datum()
+        if lib.gnutls_alpn_get_selected_protocol(s, byref(proto)) < 0 or not proto.size:
+            return None
+        return ctypes.string_at(proto.data, proto.size).decode("ascii", "replace")
+
+    def free(self) -> None:
+        """Release the session now; the engine is unusable afterwards. Idempotent."""
+        if self._session is not None and _lib is not None:
+            _lib.gnutls_deinit(self._session)
+        self._session = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown may have torn ctypes down
+            self.free()
+

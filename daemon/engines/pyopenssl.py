@@ -1,0 +1,390 @@
+"""The `pyopenssl` engine: pyOpenSSL (the OpenSSL bundled with `cryptography`) on memory BIOs.
+
+Unlike the stdlib `ssl` module it can request a client certificate, accept it whatever the
+verification says and report the verdict: verify_client = "optional_no_ca".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import SSL, crypto
+
+from tlsbridge.daemon.config import ConfigError, ServerProfile
+from tlsbridge.daemon.engines.base import READ_CHUNK, TlsEngine, TlsError
+from tlsbridge.shared.facts import (
+    VERIFY_ERROR_NO_PEER_CERT,
+    VERIFY_ERROR_NOT_VERIFIED,
+    CertInfo,
+    TlsFacts,
+)
+
+__all__ = ["PyOpenSSLEngine", "client_context", "server_context"]
+
+SERVER_VERIFY_MODES = ("off", "optional", "on", "optional_no_ca")
+_VERSIONS = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
+_VERIFY_FLAGS = {
+    "off": SSL.VERIFY_NONE,
+    "optional": SSL.VERIFY_PEER,
+    "on": SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+    "optional_no_ca": SSL.VERIFY_PEER,
+}
+# Renegotiation is a DoS vector and SIP has no use for it; tickets cost CPU for clients
+# that rarely resume (see tls_context.py).
+_SERVER_OPTIONS = (
+    SSL.OP_NO_COMPRESSION
+    | SSL.OP_CIPHER_SERVER_PREFERENCE
+    | SSL.OP_NO_TICKET
+    | getattr(SSL, "OP_NO_RENEGOTIATION", 0)
+)
+
+
+class _ConnState:
+    """Per-connection data that the context-wide callbacks reach through app data."""
+
+    __slots__ = ("hostname", "rejected", "sni", "verify_error")
+
+    def __init__(self, hostname: str | None) -> None:
+        self.hostname = hostname
+        self.sni: str | None = None
+        self.verify_error: str | None = None  # the first problem found, even if accepted
+        self.rejected = False  # the verify callback failed the handshake
+
+
+def _reasons(exc: SSL.Error) -> str:
+    errors = exc.args[0] if exc.args else None
+    if isinstance(errors, list) and errors:
+        return "; ".join(str(e[-1]) for e in errors if isinstance(e, tuple) and e[-1])
+    return str(exc) or type(exc).__name__
+
+
+def _verify_message(code: int) -> str:
+    # pyOpenSSL has no public wrapper for X509_verify_cert_error_string; its private
+    # binding has, and the stdlib engine reports the very same strings.
+    try:
+        from OpenSSL._util import ffi, lib
+
+        return ffi.string(lib.X509_verify_cert_error_string(code)).decode()
+    except Exception:
+        return f"certificate verify error {code}"
+
+
+def _hostname_matches(cert: x509.Certificate, host: str) -> bool:
+    """RFC 6125 matching against subjectAltName only, as browsers and OpenSSL 3 do."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        return ip in san.get_values_for_type(x509.IPAddress)
+    want = host.rstrip(".").encode("idna").decode("ascii").lower()
+    for pattern in san.get_values_for_type(x509.DNSName):
+        pat = pattern.rstrip(".").lower()
+        if pat == want:
+            return True
+        # A wildcard covers exactly the whole left-most label, never a public suffix alone.
+        if pat.startswith("*.") and "." in pat[2:] and "." in want:
+            label, rest = want.split(".", 1)
+            if label and rest == pat[2:]:
+                return True
+    return False
+
+
+def _verify_callback(accept_any: bool) -> Callable[..., bool]:
+    def verify(conn: SSL.Connection, cert: crypto.X509, code: int, depth: int, ok: int) -> bool:
+        try:
+            state = conn.get_app_data()
+            message = None if ok else _verify_message(code)
+            if (ok and depth == 0 and state.hostname
+                    and not _hostname_matches(cert.to_cryptography(), state.hostname)):
+                ok, message = 0, "hostname mismatch"
+            if message is not None and state.verify_error is None:
+                state.verify_error = message
+            if ok or accept_any:
+                return True
+            state.rejected = True
+            return False
+        except Exception as exc:  # never let an exception cross into OpenSSL
+            with contextlib.suppress(Exception):
+                state = conn.get_app_data()
+                state.verify_error = f"verify callback failed: {exc!r}"
+                state.rejected = True
+            return False
+
+    return verify
+
+
+def _remember_sni(conn: SSL.Connection) -> None:
+    # The server name is only visible during the handshake; keep it for the facts.
+    try:
+        name = conn.get_servername()
+        conn.get_app_data().sni = None if name is None else name.decode("ascii", "replace")
+    except Exception:
+        pass
+
+
+def _select_alpn(
+    ours: Sequence[bytes],
+) -> Callable[[SSL.Connection, list[bytes]], Any]:
+    def select(_conn: SSL.Connection, offered: list[bytes]) -> Any:
+        # Server preference, like OpenSSL's SSL_select_next_proto; no overlap = no ALPN.
+        for proto in ours:
+            if proto in offered:
+                return proto
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    return select
+
+
+def server_context(profile: ServerProfile) -> SSL.Context:
+    """A server context for `profile`; raises ConfigError naming the profile and the file."""
+    where = f"profile '{profile.name}'"
+    if profile.verify_client not in SERVER_VERIFY_MODES:
+        raise ConfigError(f"{where}: verify_client {profile.verify_client!r} is not one of "
+                          f"{', '.join(SERVER_VERIFY_MODES)}")
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(_VERSIONS[profile.min_version])
+    ctx.set_max_proto_version(_VERSIONS[profile.max_version])
+    ctx.set_options(_SERVER_OPTIONS)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    try:
+        ctx.use_certificate_chain_file(str(profile.certificate))
+        ctx.use_privatekey_file(str(profile.private_key))
+        ctx.check_privatekey()
+    except SSL.Error as exc:
+        raise ConfigError(
+            f"{where}: certificate {profile.certificate} and key {profile.private_key} "
+            f"cannot be used: {_reasons(exc)}"
+        ) from None
+    if profile.ca_list is not None:
+        try:
+            ctx.load_verify_locations(str(profile.ca_list))
+        except SSL.Error as exc:
+            raise ConfigError(
+                f"{where}: CA list {profile.ca_list} unusable: {_reasons(exc)}"
+            ) from None
+    mode = _VERIFY_FLAGS[profile.verify_client]
+    if mode == SSL.VERIFY_NONE:
+        ctx.set_verify(mode)
+    else:
+        ctx.set_verify(mode, _verify_callback(profile.verify_client == "optional_no_ca"))
+        ctx.set_verify_depth(profile.verify_depth)
+    if profile.ciphers:
+        try:
+            ctx.set_cipher_list(profile.ciphers.encode("ascii"))
+        except (SSL.Error, UnicodeEncodeError):
+            raise ConfigError(f"{where}: no usable cipher in '{profile.ciphers}'") from None
+    if profile.alpn:
+        ctx.set_alpn_select_callback(_select_alpn([p.encode() for p in profile.alpn]))
+    ctx.set_tlsext_servername_callback(_remember_sni)
+    return ctx
+
+
+def client_context(
+    *,
+    ca_file: str | os.PathLike[str] | None,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+    verify: bool = True,
+    alpn: Sequence[str] = (),
+) -> SSL.Context:
+    """A client context; `ca_file` None trusts the system's CAs. Raises ValueError."""
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(SSL.OP_NO_COMPRESSION | getattr(SSL, "OP_NO_RENEGOTIATION", 0))
+    try:
+        if cert is not None:
+            ctx.use_certificate_chain_file(os.fspath(cert))
+            ctx.use_privatekey_file(os.fspath(key if key is not None else cert))
+            ctx.check_privatekey()
+        if verify:
+            if ca_file is None:
+                ctx.set_default_verify_paths()
+            else:
+                ctx.load_verify_locations(os.fspath(ca_file))
+    except SSL.Error as exc:
+        raise ValueError(f"client certificate, key or CA file unusable: {_reasons(exc)}") from None
+    if verify:
+        ctx.set_verify(SSL.VERIFY_PEER, _verify_callback(accept_any=False))
+    else:
+        ctx.set_verify(SSL.VERIFY_NONE)
+    if alpn:
+        ctx.set_alpn_protos([p.encode() for p in alpn])
+    return ctx
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class PyOpenSSLEngine(TlsEngine):
+    """pyOpenSSL's `SSL.Connection(ctx, None)`: OpenSSL on memory BIOs."""
+
+    name = "pyopenssl"
+
+    def __init__(
+        self,
+        ctx: SSL.Context,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        sni: str | None = None,
+        local_cert: CertInfo | None = None,
+    ) -> None:
+        """`server_hostname` is checked against the server's certificate and is the default
+        SNI (never for an IP literal); `sni` overrides the name sent, "" sends none."""
+        self._conn = SSL.Connection(ctx, None)
+        self._state = _ConnState(None if server_side else server_hostname)
+        self._conn.set_app_data(self._state)
+        self._local_cert = local_cert
+        self._eof = False
+        self._failure: TlsError | None = None
+        if server_side:
+            self._conn.set_accept_state()
+        else:
+            if sni is None and server_hostname and not _is_ip_literal(server_hostname):
+                sni = server_hostname
+            if sni:
+                self._conn.set_tlsext_host_name(sni.encode("idna"))
+                self._state.sni = sni
+            self._conn.set_connect_state()
+        self.peer_closed = False
+        self.handshake_done = False
+
+    def receive(self, ciphertext: bytes) -> None:
+        if ciphertext:  # BIO_write of nothing is an error
+            self._conn.bio_write(ciphertext)
+
+    def receive_eof(self) -> None:
+        self._eof = True
+        self._conn.bio_shutdown()
+
+    def _is_eof(self, exc: Exception) -> bool:
+        if isinstance(exc, SSL.ZeroReturnError | SSL.SysCallError):
+            return True
+        # OpenSSL 3 reports a FIN without close_notify as an error, or as none at all.
+        errors = exc.args[0] if exc.args else None
+        return self._eof and (not errors or "unexpected eof" in _reasons(exc).lower())
+
+    def handshake(self) -> bool:
+        if self.handshake_done:
+            return True
+        if self._failure is not None:
+            raise self._failure
+        try:
+            self._conn.do_handshake()
+        except SSL.WantReadError:
+            return False
+        except SSL.Error as exc:
+            if self._state.rejected:
+                failure = TlsError("verify_failed", self._state.verify_error or _reasons(exc))
+            elif self._is_eof(exc):
+                failure = TlsError("eof_in_handshake", "peer closed during the handshake")
+            else:
+                failure = TlsError("handshake_failed", _reasons(exc))
+            self._failure = failure
+            raise failure from None
+        self.handshake_done = True
+        return True
+
+    def read(self) -> bytes:
+        if not self.handshake_done:
+            return b""
+        chunks = []
+        while not self.peer_closed:
+            try:
+                chunk = self._conn.recv(READ_CHUNK)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self.peer_closed = True
+                break
+            except SSL.Error as exc:
+                if self._is_eof(exc):
+                    # TCP FIN without close_notify: the stream still ends here.
+                    self.peer_closed = True
+                    break
+                raise TlsError("tls_error", _reasons(exc)) from None
+            if not chunk:
+                self.peer_closed = True
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def write(self, plaintext: bytes) -> None:
+        view = memoryview(plaintext)
+        try:
+            while view:
+                view = view[self._conn.send(view) :]
+        except SSL.Error as exc:
+            raise TlsError("tls_error", _reasons(exc)) from None
+
+    def close(self) -> None:
+        with contextlib.suppress(SSL.Error):  # nothing more can be said on a broken session
+            self._conn.shutdown()
+
+    def outgoing(self) -> bytes:
+        chunks = []
+        while True:
+            try:
+                chunks.append(self._conn.bio_read(READ_CHUNK))
+            except SSL.WantReadError:
+                break
+        return b"".join(chunks)
+
+    def _resumed(self) -> bool:
+        # pyOpenSSL has no wrapper for SSL_session_reused; our server contexts never resume.
+        try:
+            from OpenSSL._util import lib
+
+            return bool(lib.SSL_session_reused(self._conn._ssl))  # type: ignore[attr-defined]
+        except Exception:
+            return False
+
+    def facts(self) -> TlsFacts:
+        if not self.handshake_done:
+            raise ValueError("TLS handshake has not completed")
+        from tlsbridge.daemon.certinfo import cert_info_from_der
+
+        cert = self._conn.get_peer_certificate()
+        peer: CertInfo | None = None
+        if cert is not None:
+            # OpenSSL accepted what cryptography cannot parse: report presence only.
+            with contextlib.suppress(ValueError):
+                peer = cert_info_from_der(cert.to_cryptography().public_bytes(Encoding.DER))
+        if cert is None:
+            verified, verify_error = False, VERIFY_ERROR_NO_PEER_CERT
+        elif self._conn.get_context().get_verify_mode() == SSL.VERIFY_NONE:
+            verified, verify_error = False, VERIFY_ERROR_NOT_VERIFIED
+        else:
+            verify_error = self._state.verify_error
+            verified = verify_error is None
+        alpn = self._conn.get_alpn_proto_negotiated()
+        return TlsFacts(
+            version=self._conn.get_protocol_version_name(),
+            cipher=self._conn.get_cipher_name() or "",
+            cipher_bits=self._conn.get_cipher_bits() or 0,
+            sni=self._state.sni,
+            alpn=alpn.decode("ascii", "replace") if alpn else None,
+            resumed=self._resumed(),
+            peer_cert_present=cert is not None,
+            peer_verified=verified,
+            verify_error=verify_error,
+            peer=peer,
+            local=self._local_cert,
+            engine=self.name,
+        )

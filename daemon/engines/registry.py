@@ -1,0 +1,173 @@
+"""The TLS engines by name: which can run here, and how to build them from profiles.
+
+Engines other than `openssl` are imported on first use, so a missing pyOpenSSL or libgnutls
+only matters to the listeners that ask for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import ssl
+from collections.abc import Callable, Sequence
+
+from tlsbridge.daemon.certinfo import cert_info_from_pem_file
+from tlsbridge.daemon.config import ConfigError, ServerProfile
+from tlsbridge.daemon.engines.base import TlsEngine
+from tlsbridge.daemon.engines.openssl import OpenSSLEngine
+from tlsbridge.shared.facts import CertInfo
+
+__all__ = ["ENGINES", "available", "client_engine", "server_engine_factory"]
+
+ENGINES = ("openssl", "pyopenssl", "gnutls")
+# The stdlib ssl module cannot accept a certificate that failed verification.
+_OPENSSL_VERIFY_MODES = ("off", "optional", "on")
+
+PathLike = str | os.PathLike[str]
+
+
+def _reason(name: str) -> str | None:
+    if name == "openssl":
+        return None
+    if name == "pyopenssl":
+        try:
+            from tlsbridge.daemon.engines import pyopenssl  # noqa: F401
+        except Exception as exc:  # ImportError, or a pyOpenSSL/cryptography mismatch
+            return f"pyOpenSSL cannot be imported: {exc}"
+        return None
+    if name == "gnutls":
+        try:
+            from tlsbridge.daemon.engines import gnutls
+        except Exception as exc:
+            return f"the GnuTLS binding cannot be imported: {exc}"
+        return gnutls.UNAVAILABLE
+    return f"unknown engine; known: {', '.join(ENGINES)}"
+
+
+def available() -> dict[str, str | None]:
+    """Every engine by name: None if it can run here, else the reason it cannot."""
+    return {name: _reason(name) for name in ENGINES}
+
+
+def _require(name: str, where: str) -> None:
+    if name not in ENGINES:
+        raise ConfigError(f"{where}: unknown TLS engine {name!r}; one of {', '.join(ENGINES)}")
+    reason = _reason(name)
+    if reason is not None:
+        raise ConfigError(f"{where}: TLS engine {name} is unavailable: {reason}")
+
+
+def server_engine_factory(name: str, profile: ServerProfile) -> Callable[[], TlsEngine]:
+    """Build engine `name`'s server context for `profile` once; the factory makes one
+    engine per connection. Raises ConfigError naming the profile."""
+    where = f"profile '{profile.name}'"
+    _require(name, where)
+    try:
+        local = cert_info_from_pem_file(profile.certificate)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{where}: certificate {profile.certificate}: {exc}") from None
+    if name == "openssl":
+        from tlsbridge.daemon.tls_context import server_context
+
+        if profile.verify_client not in _OPENSSL_VERIFY_MODES:
+            raise ConfigError(
+                f"{where}: engine openssl cannot do verify_client = {profile.verify_client!r} "
+                f"(use pyopenssl or gnutls)"
+            )
+        return functools.partial(
+            OpenSSLEngine, server_context(profile), server_side=True, local_cert=local
+        )
+    if name == "pyopenssl":
+        from tlsbridge.daemon.engines import pyopenssl
+
+        return functools.partial(
+            pyopenssl.PyOpenSSLEngine,
+            pyopenssl.server_context(profile),
+            server_side=True,
+            local_cert=local,
+        )
+    from tlsbridge.daemon.engines import gnutls
+
+    return functools.partial(gnutls.GnuTLSEngine, gnutls.server_context(profile), local_cert=local)
+
+
+def _openssl_client(
+    *,
+    ca_file: PathLike | None,
+    cert: PathLike | None,
+    key: PathLike | None,
+    verify: bool,
+    server_hostname: str | None,
+    sni: str | None,
+    alpn: Sequence[str],
+    local: CertInfo | None,
+) -> TlsEngine:
+    # The ssl module sends server_hostname as SNI and checks the certificate against it:
+    # the two can differ only when no name is checked.
+    if sni is None or sni == server_hostname:
+        wrap_name = server_hostname
+    elif server_hostname is None:
+        wrap_name = sni or None
+    else:
+        raise ValueError("engine openssl cannot send an SNI other than server_hostname")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        if verify:
+            ctx.check_hostname = server_hostname is not None
+            if ca_file is None:
+                ctx.load_default_certs()
+            else:
+                ctx.load_verify_locations(cafile=os.fspath(ca_file))
+        else:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if cert is not None:
+            ctx.load_cert_chain(os.fspath(cert), None if key is None else os.fspath(key))
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"client certificate, key or CA file unusable: {exc}") from None
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return OpenSSLEngine(ctx, server_side=False, server_hostname=wrap_name, local_cert=local)
+
+
+def client_engine(
+    name: str,
+    *,
+    ca_file: PathLike | None,
+    cert: PathLike | None = None,
+    key: PathLike | None = None,
+    verify: bool = True,
+    server_hostname: str | None = None,
+    sni: str | None = None,
+    alpn: Sequence[str] = (),
+) -> TlsEngine:
+    """A client engine with a context of its own (tests, health checks, outbound links).
+
+    `ca_file` None trusts the system's CAs. `server_hostname` is checked against the server's
+    certificate and is the SNI sent, unless it is an IP literal; `sni` sends another name
+    ("" none). Raises ValueError on unusable files, ConfigError if the engine is unavailable.
+    """
+    _require(name, "client")
+    local = None
+    if cert is not None:
+        try:
+            local = cert_info_from_pem_file(cert)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"client certificate {cert}: {exc}") from None
+    if name == "openssl":
+        return _openssl_client(
+            ca_file=ca_file, cert=cert, key=key, verify=verify,
+            server_hostname=server_hostname, sni=sni, alpn=alpn, local=local,
+        )
+    if name == "pyopenssl":
+        from tlsbridge.daemon.engines import pyopenssl
+
+        ctx = pyopenssl.client_context(ca_file=ca_file, cert=cert, key=key, verify=verify,
+                                       alpn=alpn)
+        return pyopenssl.PyOpenSSLEngine(ctx, server_side=False, server_hostname=server_hostname,
+                                         sni=sni, local_cert=local)
+    from tlsbridge.daemon.engines import gnutls
+
+    gctx = gnutls.client_context(ca_file=ca_file, cert=cert, key=key, verify=verify, alpn=alpn)
+    return gnutls.GnuTLSEngine(gctx, server_hostname=server_hostname, sni=sni, local_cert=local)

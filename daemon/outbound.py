@@ -1,0 +1,266 @@
+"""Outbound TLS: the daemon connects to a TLS server for Kamailio and joins it by a hairpin that
+declares the server as its source, so Kamailio can relay to that address without connecting.
+
+`Connector` answers the control op `connect`: it reuses a live connection to the same
+(target, SNI, client profile), joins a connect already under way, or opens a new one.
+Every requester learns the outcome by an `outbound.ready` / `outbound.failed` event carrying
+its opaque `tag` (the KEMI module resumes a suspended transaction with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tlsbridge.daemon.certinfo import cert_info_from_pem_file
+from tlsbridge.daemon.engines.base import TlsEngine
+from tlsbridge.daemon.engines.openssl import OpenSSLEngine
+from tlsbridge.daemon.relay import Relay, State, _os_reason
+from tlsbridge.daemon.tls_context import client_context
+from tlsbridge.shared import events as ev
+from tlsbridge.shared.addr import format_addr, is_ip, target_key
+
+if TYPE_CHECKING:
+    from tlsbridge.daemon.config import Config
+    from tlsbridge.daemon.hub import Hub
+
+# Kamailio answers a CRLF ping (RFC 5626) once its TCP reader owns the hairpin, which is after
+# tcp_main registered the declared source as an alias: then relaying to it cannot miss.
+PING, PONG = b"\r\n\r\n", b"\r\n"
+PONG_WAIT = 1.0
+# Declared source ports for a second identity (SNI / client certificate) to one server.
+DECLARED_PORTS = range(40000, 50000)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    host: str
+    port: int
+    sni: str | None
+    profile: str
+
+    @property
+    def key(self) -> str:
+        return target_key(self.host, self.port, self.sni, self.profile)
+
+    @property
+    def plain(self) -> bool:
+        """No identity asked for beyond the address: any connection with that peer will do."""
+        return self.profile == "default" and self.sni in (None, self.host)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port, "sni": self.sni, "profile": self.profile}
+
+
+@dataclass
+class _Attempt:
+    target: Target
+    tags: list[Any] = field(default_factory=list)
+    relay: OutboundRelay | None = None
+
+
+class OutboundRelay(Relay):
+    direction = "out"
+
+    def __init__(self, hub: Hub, config: Config, engine_factory: Callable[[], TlsEngine],
+                 connector: Connector, attempt: _Attempt, declared: tuple[str, int]) -> None:
+        super().__init__(hub, config, None, engine_factory)
+        self.connector = connector
+        self.attempt = attempt
+        self.declared = declared
+        self.remote = declared
+        self.keys: set[str] = {attempt.target.key}
+        self.ready = False
+        self._awaiting_pong = False
+        self._last_activity = 0.0
+        self._idle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # Kamailio knows the server by the declared address, unique per identity (DESIGN 3).
+        self.remote, self.peer = self.peer, self.declared
+
+    def _handshake_limit(self) -> float:
+        return self.config.outbound.connect_timeout
+
+    def _proxy_dst(self) -> tuple[str, int]:
+        assert self._tls is not None
+        return self._tls.get_extra_info("sockname")[:2]
+
+    def _handshake_timeout(self) -> None:
+        if self.state is State.HANDSHAKE:
+            self._handshake_failed("timeout", "no TLS handshake in time")
+
+    def _handshake_failed(self, reason: str, detail: str) -> None:
+        self.connector.failed(self.attempt, reason, detail)
+        self._close(reason, detail=detail)
+
+    def _hairpin_failed(self, detail: str) -> None:
+        self.connector.failed(self.attempt, "hairpin_failed", detail)
+        super()._hairpin_failed(detail)
+
+    def _on_hairpin_ready(self) -> None:
+        assert self._hairpin is not None
+        self._hairpin.write(PING)
+        self._awaiting_pong = True
+        asyncio.get_running_loop().call_later(PONG_WAIT, self._now_ready)
+
+    def from_hairpin(self, data: bytes) -> None:
+        if self._awaiting_pong and data.startswith(PONG):
+            data = data[len(PONG):]
+            self._now_ready()
+        self._touch()
+        if data:
+            super().from_hairpin(data)
+
+    def _to_hairpin(self, data: bytes) -> None:
+        self._touch()
+        super()._to_hairpin(data)
+
+    def _now_ready(self) -> None:
+        self._awaiting_pong = False
+        if self.ready or self.state is not State.OPEN:
+            return
+        self.ready = True
+        self._touch()
+        self._arm_idle(self.config.outbound.idle_timeout)
+        self.connector.ready(self.attempt, self)
+
+    def _touch(self) -> None:
+        self._last_activity = asyncio.get_running_loop().time()
+
+    def _arm_idle(self, delay: float) -> None:
+        self._idle = asyncio.get_running_loop().call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self.state is State.CLOSED:
+            return
+        idle = asyncio.get_running_loop().time() - self._last_activity
+        limit = self.config.outbound.idle_timeout
+        if idle >= limit:
+            self._close("idle_timeout", detail=f"no traffic for {limit:g} s")
+        else:
+            self._arm_idle(limit - idle)
+
+    def _close(self, reason: str, *, detail: str = "") -> None:
+        if self.state is State.CLOSED:
+            return
+        if self._idle:
+            self._idle.cancel()
+        if not self.ready:
+            self.connector.failed(self.attempt, reason, detail)
+        self.connector.forget(self)
+        super()._close(reason, detail=detail)
+
+    def _closed_fields(self) -> dict[str, object]:
+        return {"keys": sorted(self.keys)}
+
+
+class Connector:
+    def __init__(self, hub: Hub, config: Config) -> None:
+        self.hub = hub
+        self.config = config
+        self._contexts: dict[str, ssl.SSLContext] = {}
+        self._local = {
+            name: cert_info_from_pem_file(p.certificate) if p.certificate else None
+            for name, p in config.clients.items()
+        }
+        for name, profile in config.clients.items():
+            self._contexts[name] = client_context(profile)
+        self._live: dict[Target, OutboundRelay] = {}
+        self._attempts: dict[Target, _Attempt] = {}
+
+    def connect(self, target: Target, tag: Any) -> dict[str, Any]:
+        """Start or join; the outcome is always published with `tag`."""
+        relay = self._live.get(target) or self._inbound_to(target)
+        if relay is not None and relay.state is State.OPEN:
+            self._publish_ready(relay, target, [tag])
+            return {"state": "ready", "conn": relay.ref.to_dict()}
+        attempt = self._attempts.get(target)
+        if attempt is None:
+            attempt = self._attempts[target] = _Attempt(target)
+            asyncio.get_running_loop().create_task(self._open(attempt))
+        attempt.tags.append(tag)
+        return {"state": "pending"}
+
+    def _inbound_to(self, target: Target) -> Any:
+        # A TLS peer that connected to us from the very address (a UA without NAT, or
+        # a server that kept its connection) is reached over its own connection.
+        if not is_ip(target.host) or not target.plain:
+            return None
+        return self.hub.find(peer=format_addr(target.host, target.port))
+
+    def _declare(self, host: str, port: int) -> tuple[str, int]:
+        """The real address, unless another connection already declares it to Kamailio (two
+        hairpins with one source are ambiguous there): then the same IP with a free port."""
+        taken = {c.ref.peer for c in self.hub.conns.values()}
+        taken |= {format_addr(*a.relay.declared) for a in self._attempts.values() if a.relay}
+        if format_addr(host, port) not in taken:
+            return host, port
+        for alt in range(DECLARED_PORTS.start, DECLARED_PORTS.stop):
+            if format_addr(host, alt) not in taken:
+                return host, alt
+        raise OSError("no free declared port for another identity to this server")
+
+    async def _open(self, attempt: _Attempt) -> None:
+        target = attempt.target
+        loop = asyncio.get_running_loop()
+        timeout = self.config.outbound.connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+                host, port = infos[0][4][:2]
+                relay = OutboundRelay(self.hub, self.config, self._engine_factory(target), self,
+                                      attempt, self._declare(host, port))
+                attempt.relay = relay
+                await loop.create_connection(lambda: relay, host, port)
+        except socket.gaierror as exc:
+            self.failed(attempt, "dns_failed", f"{target.host}: {exc.strerror}")
+        except TimeoutError:
+            self.failed(attempt, "timeout", f"no TCP connection in {timeout:g} s")
+        except OSError as exc:
+            self.failed(attempt, "connect_failed",
+                        f"{format_addr(target.host, target.port)}: {_os_reason(exc)}")
+
+    def _engine_factory(self, target: Target) -> Callable[[], TlsEngine]:
+        profile = self.config.clients[target.profile]
+        ctx = self._contexts[target.profile]
+        # The name checked against the certificate is also the SNI (RFC 5922: the SIP domain).
+        name = profile.verify_name or target.sni or target.host
+        local = self._local.get(target.profile)
+        return lambda: OpenSSLEngine(ctx, server_side=False, server_hostname=name,
+                                     local_cert=local)
+
+    def ready(self, attempt: _Attempt, relay: OutboundRelay) -> None:
+        self._attempts.pop(attempt.target, None)
+        self._live[attempt.target] = relay
+        self._publish_ready(relay, attempt.target, attempt.tags)
+        attempt.tags = []
+
+    def failed(self, attempt: _Attempt, reason: str, detail: str) -> None:
+        if self._attempts.get(attempt.target) is not attempt:
+            return  # already reported
+        del self._attempts[attempt.target]
+        self.hub.publish(ev.OUTBOUND_FAILED, attempt.relay.ref if attempt.relay else None,
+                         reason=reason, detail=detail, target=attempt.target.to_dict(),
+                         key=attempt.target.key, tags=attempt.tags)
+        attempt.tags = []
+
+    def forget(self, relay: OutboundRelay) -> None:
+        for target in [t for t, r in self._live.items() if r is relay]:
+            del self._live[target]
+
+    def _publish_ready(self, relay: Relay, target: Target, tags: list[Any]) -> None:
+        if isinstance(relay, OutboundRelay):
+            relay.keys.add(target.key)
+        remote = relay.remote if isinstance(relay, OutboundRelay) else relay.peer
+        self.hub.publish(ev.OUTBOUND_READY, relay.ref, tls=relay.facts, remote=format_addr(*remote),
+                         target=target.to_dict(), key=target.key, tags=tags)
+
+    def close_all(self) -> None:
+        for attempt in list(self._attempts.values()):
+            self.failed(attempt, "shutdown", "the daemon is stopping")

@@ -1,0 +1,232 @@
+"""Outbound TLS to trunks and sips: destinations through the real Kamailio and daemon: verified,
+reused, per identity, and never blocking a SIP worker."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.integration.conftest import Stack, start_stack, stop_stack
+from tests.support.procs import free_tcp_udp_port
+from tests.support.sip import UdpUA, build_request
+from tests.support.trunk import SilentServer, TlsTrunk
+from tests.support.ua import SipUA
+from tlsbridge.shared import events as ev
+
+pytestmark = [pytest.mark.integration]
+
+
+class World:
+    def __init__(self, tmp: Path, certs: dict[str, Path]) -> None:
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(tmp / "trunk-ca.pem")
+        good = ca.issue_cert("trunk.example.test", "alt.example.test", "127.0.0.1")
+        bad = ca.issue_cert("other.example.test")
+        tenant = ca.issue_cert("tenant2.example.test")
+        for name, cert in (("good", good), ("bad", bad), ("tenant", tenant)):
+            cert.cert_chain_pems[0].write_to_path(tmp / f"{name}.pem")
+            cert.private_key_pem.write_to_path(tmp / f"{name}.key")
+        self.good = TlsTrunk(tmp / "good.pem", tmp / "good.key", client_ca=tmp / "trunk-ca.pem")
+        self.bad = TlsTrunk(tmp / "bad.pem", tmp / "bad.key")
+        self.silent = [SilentServer() for _ in range(20)]
+        self.down_port = free_tcp_udp_port()
+        extra = f"""
+[outbound]
+connect_timeout = 2.5
+
+[client.default]
+ca_list = "{tmp / 'trunk-ca.pem'}"
+
+[client.tenant2]
+ca_list = "{tmp / 'trunk-ca.pem'}"
+certificate = "{tmp / 'tenant.pem'}"
+private_key = "{tmp / 'tenant.key'}"
+
+[trunk.good]
+address = "127.0.0.1:{self.good.port}"
+sni = "trunk.example.test"
+prefixes = ["+49"]
+
+[trunk.badname]
+address = "127.0.0.1:{self.bad.port}"
+sni = "trunk.example.test"
+prefixes = ["+33"]
+
+[trunk.down]
+address = "127.0.0.1:{self.down_port}"
+sni = "trunk.example.test"
+prefixes = ["+44"]
+
+[trunk.tenant_b]
+address = "127.0.0.1:{self.good.port}"
+sni = "alt.example.test"
+client = "tenant2"
+prefixes = ["+62"]
+"""
+        self.stack = start_stack(tmp, certs, extra=extra)
+
+    def close(self) -> None:
+        stop_stack(self.stack)
+        self.good.close()
+        self.bad.close()
+        for s in self.silent:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, certs: dict[str, Path]) -> Iterator[World]:
+    w = World(tmp_path_factory.mktemp("outbound"), certs)
+    yield w
+    w.close()
+
+
+def udp_ua(stack: Stack, user: str) -> SipUA:
+    return SipUA(user, domain="localhost", proxy=("127.0.0.1", stack.sip_port), udp=UdpUA())
+
+
+def test_udp_ua_calls_a_tls_trunk_and_the_trunk_hangs_up(world: World) -> None:
+    stack = world.stack
+    caller = udp_ua(stack, "alice")
+    try:
+        d_caller = caller.invite(f"sip:+4930123456@127.0.0.1:{stack.sip_port}")
+        conn = world.good.wait_conn(1)
+        assert conn.sni == "trunk.example.test"
+        trunk = SipUA("trunk", domain="trunk.example.test", proxy=stack.tls_addr, tls=conn)
+        d_trunk, invite = trunk.answer()
+        assert invite.first_line.startswith("INVITE sip:+4930123456@")
+        caller.wait_answer(d_caller)
+        trunk.expect(method="ACK")
+        # The trunk hangs up: the BYE finds its way back to the UDP caller.
+        trunk.bye(d_trunk)
+        caller.take_bye()
+        assert trunk.expect(status=200).get("CSeq").endswith("BYE")
+        ready = stack.events.wait_for(lambda e: e.type == ev.OUTBOUND_READY)
+        assert ready.conn is not None and ready.conn.direction == "out"
+        assert ready.tls is not None and ready.tls.peer is not None
+        assert "trunk.example.test" in ready.tls.peer.san_dns
+        # A second call reuses the connection.
+        d2 = caller.invite(f"sip:+4930999@127.0.0.1:{stack.sip_port}")
+        d_trunk2, _ = trunk.answer()
+        caller.wait_answer(d2)
+        trunk.expect(method="ACK")
+        caller.bye(d2)
+        trunk.take_bye()
+        caller.expect(status=200)
+        assert len(world.good.conns) == 1
+        del d_trunk2
+    finally:
+        caller.close()
+
+
+def test_trunk_with_a_wrong_certificate_gets_not_one_byte(world: World) -> None:
+    stack = world.stack
+    caller = udp_ua(stack, "bob")
+    try:
+        start = time.monotonic()
+        caller.invite(f"sip:+33145678@127.0.0.1:{stack.sip_port}")
+        final = caller.expect(status=503, timeout=6)
+        assert time.monotonic() - start < 4
+        assert "verify_failed" in final.first_line
+        failed = stack.events.wait_for(lambda e: e.type == ev.OUTBOUND_FAILED
+                                       and e.fields["target"]["port"] == world.bad.port)
+        assert failed.reason == "verify_failed"
+        assert world.bad.handshake_errors and not world.bad.conns
+        assert world.bad.app_bytes_before_close == [0]
+    finally:
+        caller.close()
+
+
+def test_trunk_unreachable_fails_within_the_connect_timeout(world: World) -> None:
+    stack = world.stack
+    caller = udp_ua(stack, "carol")
+    try:
+        start = time.monotonic()
+        caller.invite(f"sip:+4420794@127.0.0.1:{stack.sip_port}")
+        final = caller.expect(status=503, timeout=6)
+        assert time.monotonic() - start < 3.5
+        assert "connect_failed" in final.first_line
+    finally:
+        caller.close()
+
+
+def test_two_tenants_to_one_trunk_get_their_own_connections(world: World) -> None:
+    stack = world.stack
+    caller = udp_ua(stack, "dave")
+    try:
+        before = len(world.good.conns)
+        d = caller.invite(f"sip:+6212345@127.0.0.1:{stack.sip_port}")
+        conn = world.good.wait_conn(before + 1)
+        assert conn.sni == "alt.example.test"
+        # The second identity presented its client certificate; the first one none.
+        assert world.good.client_subjects[-1]
+        trunk = SipUA("trunk", domain="trunk.example.test", proxy=stack.tls_addr, tls=conn)
+        d_trunk, _ = trunk.answer()
+        caller.wait_answer(d)
+        trunk.expect(method="ACK")
+        caller.bye(d)
+        trunk.take_bye()
+        caller.expect(status=200)
+        listed = stack.daemon.request("list")["conns"]
+        outs = [c for c in listed if c["conn"]["direction"] == "out"
+                and c["tls"]["sni"] in ("trunk.example.test", "alt.example.test")]
+        assert len({c["conn"]["peer"] for c in outs}) == len(outs) >= 1
+        del d_trunk
+    finally:
+        caller.close()
+
+
+def test_hanging_connects_do_not_delay_other_calls(world: World) -> None:
+    stack = world.stack
+    callee = udp_ua(stack, "erin")
+    assert callee.register().status == 200
+    stop = threading.Event()
+
+    def busy() -> None:  # the callee answers every INVITE with 486 at once
+        while not stop.is_set():
+            try:
+                msg = callee.read(0.2)
+            except OSError:
+                continue
+            if not msg.is_reply and msg.method == "INVITE":
+                callee.reply(msg, 486, "Busy Here", to_tag="b")
+
+    threading.Thread(target=busy, daemon=True).start()
+    caller = UdpUA()
+    proxy = ("127.0.0.1", stack.sip_port)
+
+    def call_latency() -> float:
+        t0 = time.monotonic()
+        caller.send(build_request("INVITE", f"sip:erin@127.0.0.1:{stack.sip_port}",
+                                  via_proto="UDP", local=caller.local), proxy)
+        while True:
+            reply = caller.read(5)
+            if reply.status >= 200:
+                assert reply.status == 486
+                return time.monotonic() - t0
+
+    hangers = [udp_ua(stack, f"h{i}") for i in range(len(world.silent))]
+    try:
+        baseline = [call_latency() for _ in range(30)]
+        for ua, silent in zip(hangers, world.silent, strict=True):
+            ua.invite(f"sips:x@127.0.0.1:{silent.port}")
+        time.sleep(0.2)
+        loaded = [call_latency() for _ in range(200)]
+        # Everything happened while the 20 TLS handshakes were hanging (2.5 s).
+        assert all(s.held for s in world.silent)
+        assert max(loaded) < 0.25, max(loaded)
+        assert statistics.median(loaded) < statistics.median(baseline) * 3 + 0.01
+        for ua in hangers:
+            final = ua.expect(status=503, timeout=6)
+            assert "timeout" in final.first_line
+    finally:
+        stop.set()
+        for ua in hangers:
+            ua.close()
+        caller.close()
+        callee.close()
