@@ -44,12 +44,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from tlsbridge.daemon.tls_context import server_context
+    from tlsbridge.daemon.engines.registry import server_engine_factory
 
     config = _config(args)
     for name, profile in config.profiles.items():
-        server_context(profile)
-        print(f"profile {name}: certificate {profile.certificate} ok")
+        server_engine_factory(profile.engine, profile)
+        print(f"profile {name}: certificate {profile.certificate} ok (engine {profile.engine})")
     for lst in config.listeners:
         print(f"listener {lst.address} -> profile {lst.profile}")
     print(f"hairpin -> {config.hairpin.host}:{config.hairpin.port} "
@@ -140,6 +140,14 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_engines(args: argparse.Namespace) -> int:
+    from tlsbridge.daemon.engines.registry import available
+
+    for name, reason in available().items():
+        print(f"{name:10} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
 def cmd_dev_certs(args: argparse.Namespace) -> int:
     from tlsbridge.daemon.devcerts import ensure_dev_certs
 
@@ -188,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", default="", help="event type prefix, e.g. 'conn.' or 'tls.'")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.set_defaults(func=cmd_events)
+    sub.add_parser("engines", help="TLS engines on this machine").set_defaults(func=cmd_engines)
     p = sub.add_parser("dev-certs", help="create a development CA and server certificate")
     p.add_argument("directory")
     p.add_argument("--name", action="append", help="DNS name (repeatable; default localhost)")

@@ -12,7 +12,9 @@ from tlsbridge.shared.addr import format_addr, parse_addr
 from tlsbridge.shared.settings import DEFAULT_RUN_DIR, endpoint_of, run_dir_of, trunks_of
 
 DEFAULT_CONFIG = "/etc/tlsbridge/tlsbridge.toml"
-VERIFY_MODES = ("off", "optional", "on")
+# optional_no_ca: ask for a certificate, accept any (pyopenssl and gnutls engines only)
+VERIFY_MODES = ("off", "optional", "on", "optional_no_ca")
+ENGINE_NAMES = ("openssl", "pyopenssl", "gnutls")
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 
 
@@ -32,6 +34,7 @@ class ServerProfile:
     max_version: str = "TLSv1.3"
     ciphers: str | None = None
     alpn: tuple[str, ...] = ()
+    engine: str = "openssl"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,7 @@ class ClientProfile:
     min_version: str = "TLSv1.2"
     max_version: str = "TLSv1.3"
     ciphers: str | None = None
+    engine: str = "openssl"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +66,7 @@ class Listener:
     port: int
     profile: str
     advertise: str | None = None  # the public address, when it is not the bound one
+    engine: str | None = None  # overrides the profile's engine
 
     @property
     def address(self) -> str:
@@ -260,6 +265,7 @@ def _clients(root: _Section, base: Path) -> dict[str, ClientProfile]:
             min_version=min_v,
             max_version=max_v,
             ciphers=sec.get("ciphers", str, None),
+            engine=sec.choice("engine", ENGINE_NAMES, "openssl"),
         )
     # Without configuration: no client certificate, servers verified against the system CAs.
     clients.setdefault("default", ClientProfile(name="default"))
@@ -274,7 +280,7 @@ def _profiles(root: _Section, base: Path) -> dict[str, ServerProfile]:
         min_v, max_v = _versions(sec)
         verify = sec.choice("verify_client", VERIFY_MODES, "off")
         ca_list = sec.file("ca_list", base, required=False)
-        if verify != "off" and ca_list is None:
+        if verify not in ("off", "optional_no_ca") and ca_list is None:
             raise sec.fail("ca_list", f"is required when verify_client = {verify!r}")
         alpn = sec.get("alpn", list, [])
         profiles[name] = ServerProfile(
@@ -288,6 +294,7 @@ def _profiles(root: _Section, base: Path) -> dict[str, ServerProfile]:
             max_version=max_v,
             ciphers=sec.get("ciphers", str, None),
             alpn=tuple(str(a) for a in alpn),
+            engine=sec.choice("engine", ENGINE_NAMES, "openssl"),
         )
     if not profiles:
         raise root.fail("profile", "at least one [profile.NAME] table is required")
@@ -306,5 +313,6 @@ def _listeners(root: _Section, profiles: dict[str, ServerProfile]) -> tuple[List
         if profile not in profiles:
             raise sec.fail("profile", f"no [profile.{profile}] table")
         advertise = format_addr(*sec.address("advertise")) if "advertise" in sec.data else None
-        out.append(Listener(host, port, profile, advertise))
+        engine = sec.choice("engine", (*ENGINE_NAMES, None), None)
+        out.append(Listener(host, port, profile, advertise, engine))
     return tuple(out)

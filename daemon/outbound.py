@@ -10,6 +10,7 @@ its opaque `tag` (the KEMI module resumes a suspended transaction with it).
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import ssl
 from collections.abc import Callable
@@ -17,8 +18,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tlsbridge.daemon.certinfo import cert_info_from_pem_file
+from tlsbridge.daemon.config import ConfigError
 from tlsbridge.daemon.engines.base import TlsEngine
 from tlsbridge.daemon.engines.openssl import OpenSSLEngine
+from tlsbridge.daemon.engines.registry import client_engine
 from tlsbridge.daemon.relay import Relay, State, _os_reason
 from tlsbridge.daemon.tls_context import client_context
 from tlsbridge.shared import events as ev
@@ -170,7 +173,15 @@ class Connector:
             for name, p in config.clients.items()
         }
         for name, profile in config.clients.items():
-            self._contexts[name] = client_context(profile)
+            if profile.engine == "openssl":
+                self._contexts[name] = client_context(profile)
+            else:  # checked now, so a broken profile refuses start-up
+                try:
+                    client_engine(profile.engine, ca_file=profile.ca_list,
+                                  cert=profile.certificate, key=profile.private_key,
+                                  verify=profile.verify_server, server_hostname="localhost")
+                except ValueError as exc:
+                    raise ConfigError(f"client profile '{name}': {exc}") from None
         self._live: dict[Target, OutboundRelay] = {}
         self._attempts: dict[Target, _Attempt] = {}
 
@@ -228,9 +239,15 @@ class Connector:
 
     def _engine_factory(self, target: Target) -> Callable[[], TlsEngine]:
         profile = self.config.clients[target.profile]
-        ctx = self._contexts[target.profile]
         # The name checked against the certificate is also the SNI (RFC 5922: the SIP domain).
         name = profile.verify_name or target.sni or target.host
+        if profile.engine != "openssl":
+            return functools.partial(
+                client_engine, profile.engine, ca_file=profile.ca_list,
+                cert=profile.certificate, key=profile.private_key,
+                verify=profile.verify_server, server_hostname=name,
+            )
+        ctx = self._contexts[target.profile]
         local = self._local.get(target.profile)
         return lambda: OpenSSLEngine(ctx, server_side=False, server_hostname=name,
                                      local_cert=local)

@@ -6,16 +6,14 @@ import asyncio
 import functools
 import logging
 import signal
-import ssl
+from collections.abc import Callable
 
-from tlsbridge.daemon.certinfo import cert_info_from_pem_file
 from tlsbridge.daemon.config import Config, Listener
 from tlsbridge.daemon.engines.base import TlsEngine
-from tlsbridge.daemon.engines.openssl import OpenSSLEngine
+from tlsbridge.daemon.engines.registry import server_engine_factory
 from tlsbridge.daemon.hub import Hub
 from tlsbridge.daemon.outbound import Connector
 from tlsbridge.daemon.relay import InboundRelay
-from tlsbridge.daemon.tls_context import server_context
 
 log = logging.getLogger("tlsbridge")
 
@@ -27,11 +25,9 @@ class Server:
         self._servers: list[asyncio.Server] = []
         self._stop = asyncio.Event()
 
-    def _engine_factory(self, listener: Listener) -> functools.partial[TlsEngine]:
+    def _engine_factory(self, listener: Listener) -> Callable[[], TlsEngine]:
         profile = self.config.profiles[listener.profile]
-        ctx = server_context(profile)
-        local = cert_info_from_pem_file(profile.certificate)
-        return functools.partial(_openssl_server_engine, ctx, local)
+        return server_engine_factory(listener.engine or profile.engine, profile)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -49,7 +45,8 @@ class Server:
                 backlog=4096,
             )
             self._servers.append(server)
-            log.info("listening for TLS on %s (profile %s)", lst.address, lst.profile)
+            log.info("listening for TLS on %s (profile %s, engine %s)", lst.address, lst.profile,
+                     lst.engine or self.config.profiles[lst.profile].engine)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
 
@@ -70,10 +67,6 @@ class Server:
         # Let close_notify and FINs leave before the loop goes.
         await asyncio.sleep(0.05)
         await self.hub.close()
-
-
-def _openssl_server_engine(ctx: ssl.SSLContext, local: object) -> TlsEngine:
-    return OpenSSLEngine(ctx, server_side=True, local_cert=local)  # type: ignore[arg-type]
 
 
 async def _main(config: Config) -> None:

@@ -17,6 +17,7 @@ from tests.support.procs import (
     free_tcp_udp_port,
     write_bridge_config,
 )
+from tlsbridge.daemon.engines.registry import available
 
 pytestmark = pytest.mark.integration
 
@@ -51,13 +52,14 @@ class Stack:
 
 
 def start_stack(
-    workdir: Path, certs: dict[str, Path], *, with_kamailio: bool = True, extra: str = ""
+    workdir: Path, certs: dict[str, Path], *, with_kamailio: bool = True, extra: str = "",
+    engine: str = "openssl",
 ) -> Stack:
     tls_port, sip_port, hairpin_port = (free_tcp_udp_port() for _ in range(3))
     config = write_bridge_config(
         workdir / "tlsbridge.toml", tls_port=tls_port, hairpin_port=hairpin_port,
         sip_port=sip_port,
-        certs=certs, run_dir=workdir, extra=extra,
+        certs=certs, run_dir=workdir, extra=extra, engine=engine,
     )
     kamailio = None
     daemon = None
@@ -86,9 +88,20 @@ def stop_stack(stack: Stack) -> None:
         stack.kamailio.stop()
 
 
+ENGINES = [name for name, reason in available().items() if reason is None]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """Every integration module runs once per TLS engine available here."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, certs: dict[str, Path]) -> Iterator[Stack]:
-    s = start_stack(tmp_path_factory.mktemp("stack"), certs)
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, certs: dict[str, Path], engine: str
+) -> Iterator[Stack]:
+    s = start_stack(tmp_path_factory.mktemp(f"stack-{engine}"), certs, engine=engine)
     yield s
     stop_stack(s)
 

@@ -129,10 +129,13 @@ def test_client_dropping_mid_message_is_published_and_others_are_served(
     time.sleep(0.3)  # the half message reaches the daemon (an RST would purge it in the kernel)
     if how == "rst":  # an abortive close, as a crashing client's kernel does
         ua.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-    ua.sock.close()  # "fin": TCP FIN without close_notify
+        ua.sock.close()
+    else:  # TCP FIN without close_notify (a close() with unread data would be an RST)
+        ua.sock.shutdown(socket.SHUT_WR)
     closed = stack.events.wait_for(
         lambda e: e.type == ev.CONN_CLOSED and e.conn is not None and e.conn.peer == peer
     )
+    ua.close()
     assert closed.reason == ("peer_reset" if how == "rst" else "closed")
     assert closed.fields["bytes_in"] == len(msg) // 2
     for _ in range(3):

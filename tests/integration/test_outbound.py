@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.integration]
 
 
 class World:
-    def __init__(self, tmp: Path, certs: dict[str, Path]) -> None:
+    def __init__(self, tmp: Path, certs: dict[str, Path], engine: str) -> None:
         ca = trustme.CA()
         ca.cert_pem.write_to_path(tmp / "trunk-ca.pem")
         good = ca.issue_cert("trunk.example.test", "alt.example.test", "127.0.0.1")
@@ -42,8 +42,10 @@ connect_timeout = 2.5
 
 [client.default]
 ca_list = "{tmp / 'trunk-ca.pem'}"
+engine = "{engine}"
 
 [client.tenant2]
+engine = "{engine}"
 ca_list = "{tmp / 'trunk-ca.pem'}"
 certificate = "{tmp / 'tenant.pem'}"
 private_key = "{tmp / 'tenant.key'}"
@@ -69,7 +71,7 @@ sni = "alt.example.test"
 client = "tenant2"
 prefixes = ["+62"]
 """
-        self.stack = start_stack(tmp, certs, extra=extra)
+        self.stack = start_stack(tmp, certs, extra=extra, engine=engine)
 
     def close(self) -> None:
         stop_stack(self.stack)
@@ -80,8 +82,10 @@ prefixes = ["+62"]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, certs: dict[str, Path]) -> Iterator[World]:
-    w = World(tmp_path_factory.mktemp("outbound"), certs)
+def world(
+    tmp_path_factory: pytest.TempPathFactory, certs: dict[str, Path], engine: str
+) -> Iterator[World]:
+    w = World(tmp_path_factory.mktemp(f"outbound-{engine}"), certs, engine)
     yield w
     w.close()
 

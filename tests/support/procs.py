@@ -131,7 +131,7 @@ class Kamailio(Proc):
 
 def write_bridge_config(
     path: Path, *, tls_port: int, hairpin_port: int, sip_port: int, certs: dict[str, Path],
-    run_dir: Path, extra: str = "", handshake_timeout: float = 5.0,
+    run_dir: Path, extra: str = "", handshake_timeout: float = 5.0, engine: str = "openssl",
 ) -> Path:
     path.write_text(f"""
 [daemon]
@@ -152,6 +152,7 @@ profile = "default"
 certificate = "{certs['cert']}"
 private_key = "{certs['key']}"
 ca_list = "{certs['ca']}"
+engine = "{engine}"
 {extra}
 """)
     return path

@@ -692,3 +692,16 @@ def test_real_client_tool(tool: str, srv_engine: str, certs: Path, version: str,
     facts = result["facts"]
     assert facts.version == version and facts.sni == "localhost" and facts.cipher
     assert facts.peer_cert_present is mtls and facts.peer_verified is mtls
+
+
+@pair_params
+def test_eof_after_data_already_read(cli_engine: str, srv_engine: str, certs: Path) -> None:
+    """The relay reads data as it comes; the FIN arrives in a later call."""
+    cli, srv = connected(cli_engine, srv_engine, certs)
+    cli.write(b"half a message")
+    pump(cli, srv)
+    assert srv.read() == b"half a message"
+    assert srv.read() == b""
+    srv.receive_eof()
+    assert srv.read() == b""
+    assert srv.peer_closed
