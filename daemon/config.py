@@ -32,9 +32,17 @@ class ServerProfile:
     verify_depth: int = 9
     min_version: str = "TLSv1.2"
     max_version: str = "TLSv1.3"
-    ciphers: str | None = None
+    ciphers: str | None = None  # TLS 1.2 cipher list (OpenSSL syntax)
     alpn: tuple[str, ...] = ()
     engine: str = "openssl"
+    # SNI names this profile serves on listeners that list it: "sip.example.com" or
+    # "*.example.com" (one label).
+    server_names: tuple[str, ...] = ()
+    private_key_password: str | None = field(default=None, repr=False)
+    ca_path: Path | None = None  # a c_rehash'ed directory of CA certificates
+    crl: Path | None = None  # PEM CRLs; peers' certificates are checked against them
+    tls13_ciphersuites: str | None = None  # e.g. "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256"
+    groups: str | None = None  # key exchange groups, e.g. "X25519:P-256"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +60,13 @@ class ClientProfile:
     max_version: str = "TLSv1.3"
     ciphers: str | None = None
     engine: str = "openssl"
+    private_key_password: str | None = field(default=None, repr=False)
+    ca_path: Path | None = None
+    crl: Path | None = None
+    verify_depth: int = 9
+    tls13_ciphersuites: str | None = None
+    # Servers ("ip:port") this profile is used for when a connect names no profile.
+    destinations: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +82,8 @@ class Listener:
     profile: str
     advertise: str | None = None  # the public address, when it is not the bound one
     engine: str | None = None  # overrides the profile's engine
+    sni_profiles: tuple[str, ...] = ()  # profiles chosen by their server_names
+    strict_sni: bool = False  # refuse a handshake whose SNI no profile serves
 
     @property
     def address(self) -> str:
@@ -150,6 +167,37 @@ class _Section:
         if not os.access(p, os.R_OK):
             raise self.fail(key, f"file {p} is not readable")
         return p
+
+    def directory(self, key: str, base: Path) -> Path | None:
+        raw = self.get(key, str, None)
+        if raw is None:
+            return None
+        p = (base / raw).resolve()
+        if not p.is_dir():
+            raise self.fail(key, f"directory {p} does not exist")
+        return p
+
+    def password(self, base: Path) -> str | None:
+        """`private_key_password`, or the first line of `private_key_password_file`."""
+        if "private_key_password" in self.data and "private_key_password_file" in self.data:
+            raise self.fail("private_key_password", "give the password or its file, not both")
+        path = self.file("private_key_password_file", base, required=False)
+        if path is None:
+            return self.get("private_key_password", str, None)
+        lines = path.read_text().splitlines()
+        return lines[0] if lines else ""
+
+    def names(self, key: str) -> tuple[str, ...]:
+        items = self.get(key, list, [])
+        if not all(isinstance(i, str) and i for i in items):
+            raise self.fail(key, "must be a list of non-empty strings")
+        return tuple(items)
+
+    def only(self, *keys: str) -> None:
+        """A misspelt key must not be silently ignored."""
+        unknown = sorted(set(self.data) - set(keys))
+        if unknown:
+            raise self.fail(unknown[0], f"unknown key; known keys: {', '.join(keys)}")
 
     def address(self, key: str, default: Any = ...) -> tuple[str, int]:
         raw = self.get(key, str, default)
@@ -236,6 +284,28 @@ def _endpoint(zmq: _Section, key: str, run_dir: Path) -> str:
     return value
 
 
+_PROFILE_KEYS = (
+    "certificate", "private_key", "private_key_password", "private_key_password_file",
+    "ca_list", "ca_path", "crl", "verify_client", "verify_depth", "min_version", "max_version",
+    "ciphers", "tls13_ciphersuites", "groups", "alpn", "engine", "server_names",
+)
+_CLIENT_KEYS = (
+    "certificate", "private_key", "private_key_password", "private_key_password_file",
+    "ca_list", "ca_path", "crl", "verify_server", "verify_name", "verify_depth", "min_version",
+    "max_version", "ciphers", "tls13_ciphersuites", "engine", "destinations",
+)
+
+
+def _addresses(sec: _Section, key: str) -> tuple[str, ...]:
+    items = sec.names(key)
+    for item in items:
+        try:
+            parse_addr(item, default_port=5061)
+        except ValueError as exc:
+            raise sec.fail(key, str(exc)) from None
+    return items
+
+
 def _versions(sec: _Section) -> tuple[str, str]:
     min_v = sec.choice("min_version", TLS_VERSIONS, "TLSv1.2")
     max_v = sec.choice("max_version", TLS_VERSIONS, "TLSv1.3")
@@ -249,6 +319,7 @@ def _clients(root: _Section, base: Path) -> dict[str, ClientProfile]:
     clients = {}
     for name in table.data:
         sec = table.sub(name)
+        sec.only(*_CLIENT_KEYS)
         min_v, max_v = _versions(sec)
         cert = sec.file("certificate", base, required=False)
         key = sec.file("private_key", base, required=False)
@@ -266,6 +337,13 @@ def _clients(root: _Section, base: Path) -> dict[str, ClientProfile]:
             max_version=max_v,
             ciphers=sec.get("ciphers", str, None),
             engine=sec.choice("engine", ENGINE_NAMES, "openssl"),
+            private_key_password=sec.password(base),
+            ca_path=sec.directory("ca_path", base),
+            crl=sec.file("crl", base, required=False),
+            verify_depth=sec.positive("verify_depth", int, 9),
+            tls13_ciphersuites=sec.get("tls13_ciphersuites", str, None),
+            destinations=tuple(format_addr(*parse_addr(d, default_port=5061))
+                               for d in _addresses(sec, "destinations")),
         )
     # Without configuration: no client certificate, servers verified against the system CAs.
     clients.setdefault("default", ClientProfile(name="default"))
@@ -277,11 +355,13 @@ def _profiles(root: _Section, base: Path) -> dict[str, ServerProfile]:
     profiles = {}
     for name in table.data:
         sec = table.sub(name)
+        sec.only(*_PROFILE_KEYS)
         min_v, max_v = _versions(sec)
         verify = sec.choice("verify_client", VERIFY_MODES, "off")
         ca_list = sec.file("ca_list", base, required=False)
-        if verify not in ("off", "optional_no_ca") and ca_list is None:
-            raise sec.fail("ca_list", f"is required when verify_client = {verify!r}")
+        ca_path = sec.directory("ca_path", base)
+        if verify not in ("off", "optional_no_ca") and ca_list is None and ca_path is None:
+            raise sec.fail("ca_list", f"(or ca_path) is required when verify_client = {verify!r}")
         alpn = sec.get("alpn", list, [])
         profiles[name] = ServerProfile(
             name=name,
@@ -295,6 +375,12 @@ def _profiles(root: _Section, base: Path) -> dict[str, ServerProfile]:
             ciphers=sec.get("ciphers", str, None),
             alpn=tuple(str(a) for a in alpn),
             engine=sec.choice("engine", ENGINE_NAMES, "openssl"),
+            server_names=tuple(n.lower() for n in sec.names("server_names")),
+            private_key_password=sec.password(base),
+            ca_path=ca_path,
+            crl=sec.file("crl", base, required=False),
+            tls13_ciphersuites=sec.get("tls13_ciphersuites", str, None),
+            groups=sec.get("groups", str, None),
         )
     if not profiles:
         raise root.fail("profile", "at least one [profile.NAME] table is required")
@@ -312,7 +398,15 @@ def _listeners(root: _Section, profiles: dict[str, ServerProfile]) -> tuple[List
         profile = sec.get("profile", str, "default")
         if profile not in profiles:
             raise sec.fail("profile", f"no [profile.{profile}] table")
+        sec.only("address", "profile", "profiles", "strict_sni", "advertise", "engine")
         advertise = format_addr(*sec.address("advertise")) if "advertise" in sec.data else None
         engine = sec.choice("engine", (*ENGINE_NAMES, None), None)
-        out.append(Listener(host, port, profile, advertise, engine))
+        sni_profiles = sec.names("profiles")
+        for name in sni_profiles:
+            if name not in profiles:
+                raise sec.fail("profiles", f"no [profile.{name}] table")
+            if not profiles[name].server_names:
+                raise sec.fail("profiles", f"profile {name!r} has no server_names to match")
+        out.append(Listener(host, port, profile, advertise, engine, sni_profiles,
+                            sec.get("strict_sni", bool, False)))
     return tuple(out)

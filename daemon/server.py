@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from tlsbridge.daemon.config import Config, Listener
 from tlsbridge.daemon.engines.base import TlsEngine
-from tlsbridge.daemon.engines.registry import server_engine_factory
+from tlsbridge.daemon.engines.registry import listener_engine_factory
 from tlsbridge.daemon.hub import Hub
 from tlsbridge.daemon.outbound import Connector
 from tlsbridge.daemon.relay import InboundRelay
@@ -27,7 +27,11 @@ class Server:
 
     def _engine_factory(self, listener: Listener) -> Callable[[], TlsEngine]:
         profile = self.config.profiles[listener.profile]
-        return server_engine_factory(listener.engine or profile.engine, profile)
+        return listener_engine_factory(
+            listener.engine or profile.engine, profile,
+            [self.config.profiles[n] for n in listener.sni_profiles],
+            strict_sni=listener.strict_sni,
+        )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

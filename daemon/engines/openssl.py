@@ -20,6 +20,7 @@ class OpenSSLEngine(TlsEngine):
         server_side: bool,
         server_hostname: str | None = None,
         local_cert: CertInfo | None = None,
+        local_by_profile: dict[str, CertInfo] | None = None,
     ) -> None:
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
@@ -27,6 +28,7 @@ class OpenSSLEngine(TlsEngine):
             self._in, self._out, server_side=server_side, server_hostname=server_hostname
         )
         self._local_cert = local_cert
+        self._local_by_profile = local_by_profile or {}
         self.peer_closed = False
         self.handshake_done = False
 
@@ -48,6 +50,9 @@ class OpenSSLEngine(TlsEngine):
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
             raise TlsError("eof_in_handshake", "peer closed during the handshake") from None
         except ssl.SSLError as exc:
+            refused = getattr(self._obj, "tlsb_refused", None)
+            if refused:
+                raise TlsError("sni_refused", refused) from None
             raise TlsError("handshake_failed", exc.reason or str(exc)) from None
         self.handshake_done = True
         return True
@@ -95,4 +100,5 @@ class OpenSSLEngine(TlsEngine):
         from tlsbridge.daemon.certinfo import facts_from_ssl
 
         sni = getattr(self._obj, "tlsb_sni", None)
-        return facts_from_ssl(self._obj, sni=sni, local=self._local_cert, engine=self.name)
+        local = self._local_by_profile.get(getattr(self._obj, "tlsb_profile", ""), self._local_cert)
+        return facts_from_ssl(self._obj, sni=sni, local=local, engine=self.name)

@@ -91,6 +91,32 @@ def server_engine_factory(name: str, profile: ServerProfile) -> Callable[[], Tls
     return functools.partial(gnutls.GnuTLSEngine, gnutls.server_context(profile), local_cert=local)
 
 
+def listener_engine_factory(
+    name: str, default: ServerProfile, sni_profiles: Sequence[ServerProfile] = (), *,
+    strict_sni: bool = False,
+) -> Callable[[], TlsEngine]:
+    """Like server_engine_factory, for a listener that picks a profile by SNI."""
+    if not sni_profiles and not strict_sni:
+        return server_engine_factory(name, default)
+    where = f"profile '{default.name}'"
+    _require(name, where)
+    if name != "openssl":
+        raise ConfigError(f"{where}: engine {name} cannot choose profiles by SNI yet "
+                          "(use engine openssl for listeners with 'profiles' or 'strict_sni')")
+    from tlsbridge.daemon.tls_context import listener_context
+
+    for p in sni_profiles:
+        if (p.verify_client, p.crl) != (default.verify_client, default.crl):
+            # OpenSSL keeps the first context's verification when SNI switches contexts.
+            raise ConfigError(
+                f"profile '{p.name}': engine openssl needs the same verify_client and crl as "
+                f"the listener's default profile '{default.name}' (or use one listener each)")
+    local = {p.name: cert_info_from_pem_file(p.certificate) for p in (default, *sni_profiles)}
+    ctx = listener_context(default, sni_profiles, strict=strict_sni)
+    return functools.partial(OpenSSLEngine, ctx, server_side=True,
+                             local_cert=local[default.name], local_by_profile=local)
+
+
 def _openssl_client(
     *,
     ca_file: PathLike | None,
