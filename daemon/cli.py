@@ -89,6 +89,14 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    reply = _request(args, "reload")
+    print(f"reloaded; changed: {', '.join(reply['changed']) or 'nothing'}")
+    if reply["restart_needed"]:
+        print(f"needs a restart to take effect: {', '.join(reply['restart_needed'])}")
+    return 0
+
+
 def cmd_kill(args: argparse.Namespace) -> int:
     _request(args, "kill", id=args.conn_id)
     print(f"connection {args.conn_id} closed")
@@ -187,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--peer", help="the TLS peer's address ip:port")
     g.add_argument("--id", type=int, help="the connection id")
     p.set_defaults(func=cmd_lookup)
+    sub.add_parser("reload", parents=[client],
+                   help="reload configuration and certificates (live connections stay)"
+                   ).set_defaults(func=cmd_reload)
     p = sub.add_parser("kill", parents=[client], help="close a connection")
     p.add_argument("conn_id", type=int, metavar="ID")
     p.set_defaults(func=cmd_kill)

@@ -114,7 +114,8 @@ class Config:
     log_level: str = "info"
     handshake_timeout: float = 10.0
     max_buffer: int = 256 * 1024
-    extra: dict[str, Any] = field(default_factory=dict)
+    watch_files: bool = False  # reload when the configuration or a certificate changes
+    cert_expiry_days: float = 30.0  # publish cert.expiring this many days before notAfter
 
 
 class _Section:
@@ -270,6 +271,8 @@ def _build(path: Path, root: _Section) -> Config:
         log_level=daemon.choice("log_level", ("debug", "info", "warning", "error"), "info"),
         handshake_timeout=daemon.positive("handshake_timeout", float, 10.0),
         max_buffer=daemon.positive("max_buffer", int, 256 * 1024),
+        watch_files=daemon.get("watch_files", bool, False),
+        cert_expiry_days=daemon.positive("cert_expiry_days", float, 30.0),
     )
 
 

@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
@@ -57,6 +58,7 @@ class Hub:
         self._ctl: zmq.asyncio.Socket | None = None
         self._ctl_task: asyncio.Task[None] | None = None
         self.connector: Connector | None = None
+        self.reloader: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -146,6 +148,8 @@ class Hub:
             envelope = frames[:-1]
             try:
                 reply = self.handle_request(body)
+                if reply is None and ctl.peek_op(body) == "reload":
+                    reply = await self._reload(ctl.peek_id(body))
             except Exception as exc:  # a bug in one op must not stop the control loop
                 log.exception("control request failed")
                 reply = ctl.encode_error(ctl.peek_id(body), ctl.INTERNAL, str(exc))
@@ -162,10 +166,24 @@ class Hub:
         except ctl.ControlError as exc:
             self.counters["control.errors"] += 1
             return ctl.encode_error(ctl.peek_id(body), exc.code, exc.message)
+        if req.op == "reload":
+            return None  # asynchronous: _serve_control awaits _reload
         if req.args.get("noreply"):
             self._handle(req)
             return None
         return self._handle(req)
+
+    async def _reload(self, rid: int) -> bytes:
+        from tlsbridge.daemon.config import ConfigError
+
+        self.counters["control.reload"] += 1
+        if self.reloader is None:
+            return ctl.encode_error(rid, ctl.UNSUPPORTED, "reload is not available")
+        try:
+            changes = await self.reloader()
+        except (ConfigError, OSError) as exc:
+            return ctl.encode_error(rid, "reload_failed", str(exc))
+        return ctl.encode_reply(rid, **changes)
 
     def _handle(self, req: ctl.Request) -> bytes:
         self.counters[f"control.{req.op}"] += 1

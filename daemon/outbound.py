@@ -168,22 +168,33 @@ class Connector:
         self.hub = hub
         self.config = config
         self._contexts: dict[str, ssl.SSLContext] = {}
-        self._local = {
-            name: cert_info_from_pem_file(p.certificate) if p.certificate else None
-            for name, p in config.clients.items()
-        }
-        for name, profile in config.clients.items():
-            if profile.engine == "openssl":
-                self._contexts[name] = client_context(profile)
-            else:  # checked now, so a broken profile refuses start-up
-                try:
-                    client_engine(profile.engine, ca_file=profile.ca_list,
-                                  cert=profile.certificate, key=profile.private_key,
-                                  verify=profile.verify_server, server_hostname="localhost")
-                except ValueError as exc:
-                    raise ConfigError(f"client profile '{name}': {exc}") from None
+        self._contexts, self._local = self.check(config)
         self._live: dict[Target, OutboundRelay] = {}
         self._attempts: dict[Target, _Attempt] = {}
+
+    @staticmethod
+    def check(config: Config) -> tuple[dict[str, ssl.SSLContext], dict[str, Any]]:
+        """Every client profile's context (openssl) or a trial engine (others): a broken
+        profile refuses start-up or reload. Raises ConfigError."""
+        contexts: dict[str, ssl.SSLContext] = {}
+        local = {name: cert_info_from_pem_file(p.certificate) if p.certificate else None
+                 for name, p in config.clients.items()}
+        for name, profile in config.clients.items():
+            if profile.engine == "openssl":
+                contexts[name] = client_context(profile)
+                continue
+            try:
+                client_engine(profile.engine, ca_file=profile.ca_list, cert=profile.certificate,
+                              key=profile.private_key, verify=profile.verify_server,
+                              server_hostname="localhost")
+            except ValueError as exc:
+                raise ConfigError(f"client profile '{name}': {exc}") from None
+        return contexts, local
+
+    def reconfigure(self, config: Config) -> None:
+        """New connects use the new profiles; live connections keep theirs."""
+        self._contexts, self._local = self.check(config)
+        self.config = config
 
     def connect(self, target: Target, tag: Any) -> dict[str, Any]:
         """Start or join; the outcome is always published with `tag`."""

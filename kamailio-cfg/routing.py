@@ -116,6 +116,12 @@ class kamailio:
                 f"X-TLS: {t.version}; {t.cipher}; sni={t.sni or '-'}; "
                 f"peer={found.conn.peer}; verified={int(t.peer_verified)}\r\n"
             )
+            if t.peer is not None:  # the client's certificate (mutual TLS)
+                KSR.hdr.append_to_reply(
+                    f"X-TLS-Client: subject={t.peer.subject.line}; "
+                    f"san={','.join(t.peer.san_dns + t.peer.san_uri)}; "
+                    f"fingerprint={t.peer.fingerprint_sha256}\r\n"
+                )
         KSR.sl.sl_send_reply(200, "OK")
 
     def ksr_route_registrar(self, msg):

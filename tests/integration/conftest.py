@@ -53,13 +53,13 @@ class Stack:
 
 def start_stack(
     workdir: Path, certs: dict[str, Path], *, with_kamailio: bool = True, extra: str = "",
-    engine: str = "openssl",
+    engine: str = "openssl", listener_extra: str = "",
 ) -> Stack:
     tls_port, sip_port, hairpin_port = (free_tcp_udp_port() for _ in range(3))
     config = write_bridge_config(
         workdir / "tlsbridge.toml", tls_port=tls_port, hairpin_port=hairpin_port,
         sip_port=sip_port,
-        certs=certs, run_dir=workdir, extra=extra, engine=engine,
+        certs=certs, run_dir=workdir, extra=extra, engine=engine, listener_extra=listener_extra,
     )
     kamailio = None
     daemon = None

@@ -132,6 +132,7 @@ class Kamailio(Proc):
 def write_bridge_config(
     path: Path, *, tls_port: int, hairpin_port: int, sip_port: int, certs: dict[str, Path],
     run_dir: Path, extra: str = "", handshake_timeout: float = 5.0, engine: str = "openssl",
+    listener_extra: str = "",
 ) -> Path:
     path.write_text(f"""
 [daemon]
@@ -147,6 +148,7 @@ sip_address = "127.0.0.1:{sip_port}"
 [[listener]]
 address = "127.0.0.1:{tls_port}"
 profile = "default"
+{listener_extra}
 
 [profile.default]
 certificate = "{certs['cert']}"

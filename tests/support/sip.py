@@ -112,8 +112,12 @@ class TlsUA:
         tls_version: ssl.TLSVersion | None = None,
         ciphers: str | None = None,
         timeout: float = 5.0,
+        cert: str | None = None,
+        key: str | None = None,
     ) -> None:
         ctx = ssl.create_default_context(cafile=ca)
+        if cert:
+            ctx.load_cert_chain(cert, key)
         if server_hostname is None:
             ctx.check_hostname = False
         if tls_version is not None:

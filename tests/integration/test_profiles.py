@@ -1,0 +1,279 @@
+"""TLS profiles through the real daemon and Kamailio: SNI, strict SNI, mutual TLS, CRL, reload."""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from tests.integration.conftest import Stack, start_stack, stop_stack
+from tests.support.procs import free_tcp_udp_port
+from tests.support.sip import TlsUA
+from tlsbridge.shared import events as ev
+
+pytestmark = [pytest.mark.integration]
+
+
+def write_crl(ca: trustme.CA, revoked: trustme.LeafCert, path: Path) -> None:
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
+    leaf = x509.load_pem_x509_certificate(revoked.cert_chain_pems[0].bytes())
+    now = datetime.datetime.now(datetime.UTC)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - datetime.timedelta(minutes=1))
+        .next_update(now + datetime.timedelta(days=1))
+        .add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(leaf.serial_number)
+            .revocation_date(now - datetime.timedelta(minutes=1)).build())
+        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+
+
+@dataclass
+class Lab:
+    stack: Stack
+    dir: Path
+    ports: dict[str, int]
+    ca: trustme.CA
+
+    def ua(self, listener: str, sni: str | None = None, client: str | None = None,
+           ca: str | None = None) -> TlsUA:
+        cert = key = None
+        if client:
+            cert, key = str(self.dir / f"{client}.pem"), str(self.dir / f"{client}.key")
+        return TlsUA("127.0.0.1", self.ports[listener], ca=ca or str(self.dir / "ca.pem"),
+                     server_hostname=sni, cert=cert, key=key)
+
+    def options(self, ua: TlsUA):
+        return ua.request("OPTIONS", f"sip:127.0.0.1:{self.stack.sip_port}")
+
+
+def issue(ca: trustme.CA, d: Path, name: str, *identities: str) -> None:
+    leaf = ca.issue_cert(*identities)
+    leaf.cert_chain_pems[0].write_to_path(d / f"{name}.pem")
+    leaf.private_key_pem.write_to_path(d / f"{name}.key")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, certs: dict[str, Path]) -> Iterator[Lab]:
+    d = tmp_path_factory.mktemp("profiles")
+    ca, other_ca = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(d / "ca.pem")
+    issue(ca, d, "default", "localhost", "127.0.0.1")
+    issue(ca, d, "a", "a.example.test")
+    issue(ca, d, "b", "*.b.example.test")
+    issue(ca, d, "good-client", "client.example.test")
+    issue(other_ca, d, "stranger", "client.example.test")
+    revoked = ca.issue_cert("revoked.example.test")
+    revoked.cert_chain_pems[0].write_to_path(d / "revoked.pem")
+    revoked.private_key_pem.write_to_path(d / "revoked.key")
+    write_crl(ca, revoked, d / "crl.pem")
+    ports = {k: free_tcp_udp_port() for k in ("strict", "mtls", "optional", "reload")}
+    extra = f"""
+[profile.site_a]
+certificate = "{d / 'a.pem'}"
+private_key = "{d / 'a.key'}"
+server_names = ["a.example.test"]
+
+[profile.site_b]
+certificate = "{d / 'b.pem'}"
+private_key = "{d / 'b.key'}"
+server_names = ["*.b.example.test"]
+
+[profile.mtls]
+certificate = "{d / 'default.pem'}"
+private_key = "{d / 'default.key'}"
+ca_list = "{d / 'ca.pem'}"
+crl = "{d / 'crl.pem'}"
+verify_client = "on"
+
+[profile.optional]
+certificate = "{d / 'default.pem'}"
+private_key = "{d / 'default.key'}"
+ca_list = "{d / 'ca.pem'}"
+verify_client = "optional"
+
+[[listener]]
+address = "127.0.0.1:{ports['strict']}"
+profile = "default"
+profiles = ["site_a", "site_b"]
+strict_sni = true
+
+[[listener]]
+address = "127.0.0.1:{ports['reload']}"
+profile = "reloadable"
+
+[[listener]]
+address = "127.0.0.1:{ports['mtls']}"
+profile = "mtls"
+
+[[listener]]
+address = "127.0.0.1:{ports['optional']}"
+profile = "optional"
+
+[profile.reloadable]
+certificate = "{d / 'live.pem'}"
+private_key = "{d / 'live.key'}"
+"""
+    shutil.copy(d / "default.pem", d / "live.pem")
+    shutil.copy(d / "default.key", d / "live.key")
+    # The main listener (stack.tls_port) serves site_a / site_b by SNI, else the default.
+    s = start_stack(d, {"ca": d / "ca.pem", "cert": d / "default.pem", "key": d / "default.key"},
+                    extra=extra, listener_extra='profiles = ["site_a", "site_b"]')
+    ports["main"] = s.tls_port
+    yield Lab(s, d, ports, ca)
+    stop_stack(s)
+
+
+def served_cn(ua: TlsUA) -> str:
+    der = ua.sock.getpeercert(binary_form=True)
+    cert = x509.load_der_x509_certificate(der)
+    return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+        .get_values_for_type(x509.DNSName)[0]
+
+
+@pytest.mark.parametrize(("sni", "expected"), [
+    ("a.example.test", "a.example.test"),
+    ("x.b.example.test", "*.b.example.test"),
+    ("localhost", "localhost"),
+    (None, "localhost"),
+])
+def test_sni_picks_the_profile(lab: Lab, sni: str | None, expected: str) -> None:
+    ua = lab.ua("main", sni=sni, ca=None if sni else str(lab.dir / "ca.pem"))
+    try:
+        assert served_cn(ua) == expected
+        reply = lab.options(ua)
+        assert reply.status == 200
+        assert f"sni={sni or '-'};" in reply.get("X-TLS")
+    finally:
+        ua.close()
+
+
+def test_strict_sni_refuses_an_unknown_name(lab: Lab) -> None:
+    with pytest.raises(ssl.SSLError, match=r"UNRECOGNIZED_NAME|unrecognized name"):
+        lab.ua("strict", sni="unknown.example.test")
+    failed = lab.stack.events.wait_for(lambda e: e.type == ev.TLS_FAILED
+                                       and e.conn.listener.endswith(f":{lab.ports['strict']}"))
+    assert failed.reason == "sni_refused"
+    assert "unknown.example.test" in failed.fields["detail"]
+    ua = lab.ua("strict", sni="a.example.test")  # a known name still works
+    try:
+        assert lab.options(ua).status == 200
+    finally:
+        ua.close()
+
+
+def test_mtls_refuses_no_certificate(lab: Lab) -> None:
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        ua = lab.ua("mtls", sni="localhost")
+        lab.options(ua)  # TLS 1.3: the refusal arrives after the client's Finished
+    lab.stack.events.wait_for(lambda e: e.type == ev.TLS_FAILED
+                              and e.conn.listener.endswith(f":{lab.ports['mtls']}"))
+
+
+@pytest.mark.parametrize("client", ["stranger", "revoked"])
+def test_mtls_refuses_bad_certificates(lab: Lab, client: str) -> None:
+    before = len(lab.stack.events.of(ev.TLS_FAILED))
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        ua = lab.ua("mtls", sni="localhost", client=client)
+        lab.options(ua)
+    lab.stack.events.wait_for(lambda e: e.type == ev.TLS_FAILED
+                              and len(lab.stack.events.of(ev.TLS_FAILED)) > before)
+    failed = lab.stack.events.of(ev.TLS_FAILED)[-1]
+    detail = failed.fields["detail"].lower()
+    assert ("revoked" in detail) if client == "revoked" else ("unknown ca" in detail
+                                                              or "certificate" in detail)
+
+
+def test_mtls_good_certificate_is_visible_in_routing(lab: Lab) -> None:
+    ua = lab.ua("mtls", sni="localhost", client="good-client")
+    try:
+        reply = lab.options(ua)
+        assert reply.status == 200
+        assert "verified=1" in reply.get("X-TLS")
+        client = reply.get("X-TLS-Client")
+        leaf = x509.load_pem_x509_certificate((lab.dir / "good-client.pem").read_bytes())
+        fp = leaf.fingerprint(hashes.SHA256()).hex(":").upper()
+        assert f"fingerprint={fp}" in client
+        assert "san=client.example.test" in client
+        assert "subject=" in client
+    finally:
+        ua.close()
+
+
+@pytest.mark.parametrize(("client", "verified"), [(None, "0"), ("good-client", "1")])
+def test_optional_client_certificate(lab: Lab, client: str | None, verified: str) -> None:
+    ua = lab.ua("optional", sni="localhost", client=client)
+    try:
+        reply = lab.options(ua)
+        assert reply.status == 200 and f"verified={verified}" in reply.get("X-TLS")
+    finally:
+        ua.close()
+
+
+def reload_cli(lab: Lab) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tlsbridge.daemon.cli", "reload", "-c", str(lab.stack.daemon.config),
+         "--timeout", "10"], capture_output=True, text=True, timeout=20)
+
+
+def test_reload_new_certificate_keeps_live_connections(lab: Lab) -> None:
+    live = lab.ua("reload")
+    try:
+        assert served_cn(live) == "localhost"
+        assert lab.options(live).status == 200
+        issue(lab.ca, lab.dir, "renewed", "renewed.example.test")
+        shutil.copy(lab.dir / "renewed.pem", lab.dir / "live.pem")
+        shutil.copy(lab.dir / "renewed.key", lab.dir / "live.key")
+        out = reload_cli(lab)
+        assert out.returncode == 0, out.stderr
+        assert "profile.reloadable" in out.stdout
+        lab.stack.events.wait_for(lambda e: e.type == ev.CONFIG_RELOADED)
+        # New handshakes get the renewed certificate...
+        fresh = lab.ua("reload")
+        try:
+            assert served_cn(fresh) == "renewed.example.test"
+            assert lab.options(fresh).status == 200
+        finally:
+            fresh.close()
+        # ...while the established connection keeps carrying SIP.
+        assert lab.options(live).status == 200
+    finally:
+        live.close()
+
+
+def test_reload_with_a_broken_key_changes_nothing(lab: Lab) -> None:
+    live = lab.ua("reload")
+    before = served_cn(live)
+    good_key = (lab.dir / "live.key").read_bytes()
+    try:
+        (lab.dir / "live.key").write_bytes((lab.dir / "a.key").read_bytes())  # not its key
+        out = reload_cli(lab)
+        assert out.returncode != 0
+        assert "profile 'reloadable'" in out.stderr and "live.key" in out.stderr
+        failed = lab.stack.events.wait_for(lambda e: e.type == ev.CONFIG_RELOAD_FAILED)
+        assert "live.key" in failed.fields["reason"]
+        # Nothing changed: the live connection and new ones are served as before.
+        assert lab.options(live).status == 200
+        again = lab.ua("reload")
+        try:
+            assert served_cn(again) == before
+            assert lab.options(again).status == 200
+        finally:
+            again.close()
+    finally:
+        (lab.dir / "live.key").write_bytes(good_key)
+        live.close()
