@@ -115,6 +115,9 @@ class Config:
     handshake_timeout: float = 10.0
     max_buffer: int = 256 * 1024
     watch_files: bool = False  # reload when the configuration or a certificate changes
+    keylog_file: Path | None = None  # TLS key log (NSS format) for debugging; off unless set
+    max_connections: int = 0  # 0: as many as the open-files limit allows
+    max_per_ip: int = 0  # 0: unlimited
     cert_expiry_days: float = 30.0  # publish cert.expiring this many days before notAfter
 
 
@@ -245,6 +248,8 @@ def _build(path: Path, root: _Section) -> Config:
         kam.address("sip_address")
     zmq = root.sub("zmq", {})
     out = root.sub("outbound", {})
+    limits = root.sub("limits", {})
+    limits.only("max_connections", "max_per_ip")
     clients = _clients(root, base)
     try:
         trunks = trunks_of(root.data, path)
@@ -272,6 +277,10 @@ def _build(path: Path, root: _Section) -> Config:
         handshake_timeout=daemon.positive("handshake_timeout", float, 10.0),
         max_buffer=daemon.positive("max_buffer", int, 256 * 1024),
         watch_files=daemon.get("watch_files", bool, False),
+        keylog_file=(base / daemon.get("keylog_file", str)).resolve()
+        if "keylog_file" in daemon.data else None,
+        max_connections=limits.get("max_connections", int, 0),
+        max_per_ip=limits.get("max_per_ip", int, 0),
         cert_expiry_days=daemon.positive("cert_expiry_days", float, 30.0),
     )
 

@@ -7,6 +7,7 @@ import collections
 import contextlib
 import logging
 import os
+import resource
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -53,6 +54,8 @@ class Hub:
         self.conns: dict[int, Connection] = {}
         self.by_hairpin: dict[str, Connection] = {}
         self.counters: collections.Counter[str] = collections.Counter()
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.max_connections = effective_max_connections(config.max_connections)
         self._ctx = zmq.asyncio.Context()
         self._pub: zmq.Socket | None = None
         self._ctl: zmq.asyncio.Socket | None = None
@@ -64,13 +67,17 @@ class Hub:
 
     def start(self) -> None:
         os.makedirs(self.config.run_dir, mode=0o750, exist_ok=True)
-        pub = self._ctx.socket(zmq.PUB)
+        # XPUB with NODROP: a subscriber at its HWM makes send() fail instead of losing events
+        # silently, so every loss is counted (stats: events_dropped); we never block.
+        pub = zmq.Context.instance().socket(zmq.XPUB)
+        pub.setsockopt(zmq.XPUB_NODROP, 1)
         pub.setsockopt(zmq.SNDHWM, self.config.events_hwm)
         pub.setsockopt(zmq.LINGER, 0)
         _bind(pub, self.config.events_endpoint)
         self._pub = pub
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # a peer sending more is disconnected
         _bind(router, self.config.control_endpoint)
         self._ctl = router
         self._ctl_task = asyncio.get_running_loop().create_task(self._serve_control())
@@ -97,8 +104,20 @@ class Hub:
         self._ids += 1
         return self._ids
 
+    def admit(self, ip: str) -> str | None:
+        """Why a new inbound connection from `ip` is refused, or None (limits)."""
+        if len(self.conns) >= self.max_connections:
+            self.counters["refused.too_many_connections"] += 1
+            return "too_many_connections"
+        limit = self.config.max_per_ip
+        if limit and self.per_ip[ip] >= limit:
+            self.counters["refused.too_many_from_ip"] += 1
+            return "too_many_from_ip"
+        return None
+
     def register(self, conn: Connection) -> None:
         self.conns[conn.id] = conn
+        self.per_ip[conn.ref.peer.rpartition(":")[0].strip("[]")] += 1
         self.counters["accepted"] += 1
 
     def index_hairpin(self, conn: Connection) -> None:
@@ -106,7 +125,11 @@ class Hub:
             self.by_hairpin[conn.hairpin_key] = conn
 
     def unregister(self, conn: Connection) -> None:
-        self.conns.pop(conn.id, None)
+        if self.conns.pop(conn.id, None) is not None:
+            ip = conn.ref.peer.rpartition(":")[0].strip("[]")
+            self.per_ip[ip] -= 1
+            if self.per_ip[ip] <= 0:
+                del self.per_ip[ip]
         if conn.hairpin_key and self.by_hairpin.get(conn.hairpin_key) is conn:
             del self.by_hairpin[conn.hairpin_key]
 
@@ -130,8 +153,9 @@ class Hub:
         _log_event(event)
         if self._pub is None:
             return
+        while self._pub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._pub.recv(zmq.NOBLOCK)  # (un)subscriptions: not needed, must not pile up
         try:
-            # PUB drops past the HWM instead of blocking: a slow subscriber never stalls TLS.
             self._pub.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
             self.counters["events_dropped"] += 1
@@ -255,6 +279,18 @@ class Hub:
 
     def _uptime(self) -> float:
         return round(time.time() - self.started, 3)
+
+
+def effective_max_connections(configured: int) -> int:
+    """The configured limit, capped below the open-files limit (two descriptors per
+    connection and a reserve) so a flood is refused with an event, not by a failing accept()."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and hard != resource.RLIM_INFINITY:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    cap = max(1, (soft - 64) // 2) if soft != resource.RLIM_INFINITY else 1 << 30
+    return min(configured, cap) if configured > 0 else cap
 
 
 def _describe(conn: Connection) -> dict[str, Any]:

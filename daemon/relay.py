@@ -107,6 +107,13 @@ class Relay(asyncio.Protocol):
         self.started = loop.time()
         self.peer = transport.get_extra_info("peername")[:2]
         transport.set_write_buffer_limits(high=self.config.max_buffer)
+        refusal = self._admit()
+        if refusal is not None:
+            self.state = State.CLOSED
+            self.hub.publish(ev.TLS_FAILED, self.ref, reason=refusal,
+                             detail=f"limit reached; refused {self.peer[0]}")
+            transport.abort()
+            return
         try:
             self.engine = self._engine_factory()
         except Exception as exc:  # a broken profile must not take the listener down
@@ -220,6 +227,10 @@ class Relay(asyncio.Protocol):
 
     def _handshake_limit(self) -> float:
         return self.config.handshake_timeout
+
+    def _admit(self) -> str | None:
+        """Why this connection is refused, or None."""
+        return None
 
     def _proxy_dst(self) -> tuple[str, int]:
         """The PROXY header's destination: where the TLS peer reached us."""
@@ -368,6 +379,9 @@ class Relay(asyncio.Protocol):
 
 class InboundRelay(Relay):
     """A TLS peer that reached one of our listeners."""
+
+    def _admit(self) -> str | None:
+        return self.hub.admit(self.peer[0])
 
     def _proxy_dst(self) -> tuple[str, int]:
         assert self.listener is not None

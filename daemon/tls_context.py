@@ -10,12 +10,17 @@ from tlsbridge.daemon.certinfo import cert_info_from_pem_file
 from tlsbridge.daemon.config import ClientProfile, ConfigError, ServerProfile
 from tlsbridge.daemon.sni import SniTable
 
+# Set by the server from [daemon] keylog_file: key logging is off unless asked for.
+KEYLOG_FILE: str | None = None
+
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 _VERIFY = {"off": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "on": ssl.CERT_REQUIRED}
 
 
 def _base(where: str, profile: ServerProfile | ClientProfile, protocol: int) -> ssl.SSLContext:
     ctx = ssl.SSLContext(protocol)
+    if KEYLOG_FILE:
+        ctx.keylog_filename = KEYLOG_FILE
     ctx.minimum_version = _VERSIONS[profile.min_version]
     ctx.maximum_version = _VERSIONS[profile.max_version]
     # Renegotiation is a DoS vector and SIP has no use for it.
