@@ -15,6 +15,7 @@ from pathlib import Path
 
 import zmq
 
+from tests.support.sip import UdpUA
 from tlsbridge.shared.client import ControlClient
 from tlsbridge.shared.control import ControlError
 from tlsbridge.shared.events import Event, decode_event
@@ -105,7 +106,7 @@ class Kamailio(Proc):
         super().__init__("kamailio", argv, workdir / "kamailio.log", env)
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        from tests.support.sip import UdpUA, build_request
+        from tests.support.sip import build_request
 
         ua = UdpUA()
         try:
@@ -120,6 +121,24 @@ class Kamailio(Proc):
                 except OSError:
                     return False
             wait_until(answers, timeout, "kamailio to answer OPTIONS")
+        finally:
+            ua.close()
+
+    def wait_ready_registrar(self, timeout: float = 20.0) -> None:
+        """For scripts that do not answer OPTIONS: a REGISTER gets a final reply."""
+        from tests.support.ua import SipUA
+
+        ua = SipUA("probe", domain="localhost", proxy=("127.0.0.1", self.sip_port), udp=UdpUA())
+
+        def answers() -> bool:
+            if not self.alive():
+                raise RuntimeError(f"kamailio exited:\n{self.tail()}")
+            try:
+                return ua.register().status == 200
+            except (OSError, AssertionError):
+                return False
+        try:
+            wait_until(answers, timeout, "kamailio to answer REGISTER")
         finally:
             ua.close()
 
