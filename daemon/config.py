@@ -118,6 +118,7 @@ class Config:
     keylog_file: Path | None = None  # TLS key log (NSS format) for debugging; off unless set
     max_connections: int = 0  # 0: as many as the open-files limit allows
     max_per_ip: int = 0  # 0: unlimited
+    metrics: tuple[str, int] | None = None  # Prometheus endpoint; off unless set
     cert_expiry_days: float = 30.0  # publish cert.expiring this many days before notAfter
 
 
@@ -281,6 +282,7 @@ def _build(path: Path, root: _Section) -> Config:
         if "keylog_file" in daemon.data else None,
         max_connections=limits.get("max_connections", int, 0),
         max_per_ip=limits.get("max_per_ip", int, 0),
+        metrics=_metrics(root.sub("metrics", {})),
         cert_expiry_days=daemon.positive("cert_expiry_days", float, 30.0),
     )
 
@@ -306,6 +308,18 @@ _CLIENT_KEYS = (
     "ca_list", "ca_path", "crl", "verify_server", "verify_name", "verify_depth", "min_version",
     "max_version", "ciphers", "tls13_ciphersuites", "engine", "destinations",
 )
+
+
+def _metrics(sec: _Section) -> tuple[str, int] | None:
+    sec.only("listen", "allow_remote")
+    if "listen" not in sec.data:
+        return None
+    host, port = sec.address("listen")
+    remote = sec.get("allow_remote", bool, False)
+    if not remote and host not in ("127.0.0.1", "::1", "localhost"):
+        raise sec.fail("listen", f"{host} is not loopback; set allow_remote = true to expose "
+                       "metrics beyond this host")
+    return host, port
 
 
 def _addresses(sec: _Section, key: str) -> tuple[str, ...]:

@@ -126,6 +126,8 @@ class Hub:
 
     def unregister(self, conn: Connection) -> None:
         if self.conns.pop(conn.id, None) is not None:
+            self.counters["bytes_in_closed"] += conn.bytes_in
+            self.counters["bytes_out_closed"] += conn.bytes_out
             ip = conn.ref.peer.rpartition(":")[0].strip("[]")
             self.per_ip[ip] -= 1
             if self.per_ip[ip] <= 0:
@@ -213,11 +215,11 @@ class Hub:
         self.counters[f"control.{req.op}"] += 1
         handler = getattr(self, f"_op_{req.op}", None)
         if handler is None:
-            return ctl.encode_error(req.id, ctl.UNSUPPORTED, f"op {req.op!r} not available yet")
+            return ctl.encode_error(req.rid, ctl.UNSUPPORTED, f"op {req.op!r} not available yet")
         try:
-            return ctl.encode_reply(req.id, **handler(req.args))
+            return ctl.encode_reply(req.rid, **handler(req.args))
         except ctl.ControlError as exc:
-            return ctl.encode_error(req.id, exc.code, exc.message)
+            return ctl.encode_error(req.rid, exc.code, exc.message)
 
     def _op_ping(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"pong": True, "pid": os.getpid(), "src": self.src, "uptime": self._uptime()}

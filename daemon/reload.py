@@ -87,6 +87,7 @@ class Expiring:
     path: str
     not_after: str
     days_left: float
+    not_after_ts: float
 
 
 def expiring(config: Config, within_days: float, now: float | None = None) -> list[Expiring]:
@@ -103,5 +104,6 @@ def expiring(config: Config, within_days: float, now: float | None = None) -> li
             continue  # keys, CRLs: not certificates
         days = (info.not_after_ts - now) / 86400
         if days <= within_days:
-            out.append(Expiring(owner, str(path), info.not_after, round(days, 2)))
+            out.append(Expiring(owner, str(path), info.not_after, round(days, 2),
+                                info.not_after_ts))
     return out

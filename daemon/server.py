@@ -79,6 +79,10 @@ class Server:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_quietly()))
         self._tasks.append(loop.create_task(self._check_expiry_periodically()))
+        if self.config.metrics:
+            from tlsbridge.daemon import metrics
+
+            metrics.start(*self.config.metrics, loop, self.metrics_snapshot)
         if self.config.watch_files:
             self._tasks.append(loop.create_task(self._watch()))
 
@@ -140,6 +144,20 @@ class Server:
                 log.info("configuration files changed: reloading")
                 await self._reload_quietly()
                 seen = rl.watched_mtimes(self.config)
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        conns = list(self.hub.conns.values())
+        counters = dict(self.hub.counters)
+        return {
+            "counters": counters,
+            "open_in": sum(1 for c in conns if c.ref.direction == "in"),
+            "open_out": sum(1 for c in conns if c.ref.direction == "out"),
+            "bytes_in_total": counters.get("bytes_in_closed", 0) + sum(c.bytes_in for c in conns),
+            "bytes_out_total": counters.get("bytes_out_closed", 0)
+            + sum(c.bytes_out for c in conns),
+            "certificates": [(e.owner, e.path, e.not_after_ts)
+                             for e in rl.expiring(self.config, float("inf"))],
+        }
 
     # -- certificate expiry -----------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """Control protocol: msgpack request/reply over ZeroMQ (the daemon binds ROUTER).
 
-Request `{v, id, op, ...args}`; reply `{v, id, ok: true, ...}` or
-`{v, id, ok: false, error: {code, message}}`. Clients send `[b"", body]` (REQ framing) so both
-REQ and DEALER sockets can talk to the daemon; `id` lets a DEALER drop late replies.
+Request `{v, rid, op, ...args}`; reply `{v, rid, ok: true, ...}` or
+`{v, rid, ok: false, error: {code, message}}`. Clients send `[b"", body]` (REQ framing) so both
+REQ and DEALER sockets can talk to the daemon; the request id `rid` lets a DEALER drop late
+replies (`id` is left to the ops: it names a connection).
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ class ControlError(Exception):
 @dataclass(frozen=True, slots=True)
 class Request:
     op: str
-    id: int = 0
+    rid: int = 0
     args: Mapping[str, Any] = field(default_factory=dict)
 
 
-def encode_request(op: str, id: int = 0, **args: Any) -> bytes:
+def encode_request(op: str, rid: int = 0, **args: Any) -> bytes:
     body = dict(args)
-    body.update(v=CONTROL_VERSION, id=id, op=op)
+    body.update(v=CONTROL_VERSION, rid=rid, op=op)
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -60,26 +61,27 @@ def decode_request(data: bytes) -> Request:
         raise ControlError(BAD_REQUEST, "request is not a map")
     if body.get("v", CONTROL_VERSION) != CONTROL_VERSION:
         raise ControlError(UNSUPPORTED, f"control protocol version {body.get('v')!r} unsupported")
-    op, rid = body.pop("op", None), body.pop("id", 0)
+    op, rid = body.pop("op", None), body.pop("rid", 0)
     body.pop("v", None)
     if not isinstance(op, str):
         raise ControlError(BAD_REQUEST, "request has no 'op' string")
     if not isinstance(rid, int):
-        raise ControlError(BAD_REQUEST, "request 'id' must be an integer")
+        raise ControlError(BAD_REQUEST, "request 'rid' must be an integer")
     if op not in OPS:
         raise ControlError(UNKNOWN_OP, f"unknown op {op!r}; known: {', '.join(sorted(OPS))}")
     return Request(op, rid, body)
 
 
-def encode_reply(id: int, **fields: Any) -> bytes:
+def encode_reply(rid: int, **fields: Any) -> bytes:
     body = dict(fields)
-    body.update(v=CONTROL_VERSION, id=id, ok=True)
+    body.update(v=CONTROL_VERSION, rid=rid, ok=True)
     return msgpack.packb(body, use_bin_type=True)
 
 
-def encode_error(id: int, code: str, message: str) -> bytes:
+def encode_error(rid: int, code: str, message: str) -> bytes:
     return msgpack.packb(
-        {"v": CONTROL_VERSION, "id": id, "ok": False, "error": {"code": code, "message": message}},
+        {"v": CONTROL_VERSION, "rid": rid, "ok": False,
+         "error": {"code": code, "message": message}},
         use_bin_type=True,
     )
 
@@ -88,7 +90,7 @@ def peek_id(data: bytes) -> int:
     """The request id of a message that failed to decode, or 0: lets the error reply match."""
     try:
         body = msgpack.unpackb(data, raw=False)
-        rid = body.get("id", 0) if isinstance(body, dict) else 0
+        rid = body.get("rid", 0) if isinstance(body, dict) else 0
     except Exception:
         return 0
     return rid if isinstance(rid, int) else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,13 +31,25 @@ def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+_issued: set[int] = set()
+
+
 def free_tcp_udp_port(host: str = "127.0.0.1") -> int:
-    """A port free for both TCP and UDP (Kamailio binds both for some listeners)."""
-    for _ in range(50):
-        port = free_port(socket.SOCK_STREAM, host)
+    """A port free for both TCP and UDP (Kamailio binds both for some listeners), never one
+    this test run handed out before (it may not be bound yet)."""
+    # Below the kernel's ephemeral range: client sockets (ours, Kamailio's, a benchmark's)
+    # cannot take it between our check and the server's bind.
+    low, _ = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(500):
+        port = random.randrange(10000, max(10001, low))
+        if port in _issued:
+            continue
         try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.bind((host, port))
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t, \
+                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                t.bind((host, port))
+                u.bind((host, port))
+            _issued.add(port)
             return port
         except OSError:
             continue

@@ -207,7 +207,7 @@ class TestControl:
 
     def test_reply_round_trip(self) -> None:
         reply = ctl.decode_reply(ctl.encode_reply(9, conn=CONN.to_dict(), tls=FACTS.to_dict()))
-        assert reply["ok"] is True and reply["id"] == 9 and reply["v"] == ctl.CONTROL_VERSION
+        assert reply["ok"] is True and reply["rid"] == 9 and reply["v"] == ctl.CONTROL_VERSION
         assert ConnRef.from_dict(reply["conn"]) == CONN
         assert TlsFacts.from_dict(reply["tls"]) == FACTS
 
@@ -249,7 +249,7 @@ class TestControl:
             pytest.param(pack({"v": 1, "id": 1}), ctl.BAD_REQUEST, "no 'op'", id="no-op"),
             pytest.param(pack({"v": 1, "op": 5}), ctl.BAD_REQUEST, "no 'op'", id="op-int"),
             pytest.param(
-                pack({"v": 1, "op": "ping", "id": "1"}), ctl.BAD_REQUEST, "'id'", id="id-str"
+                pack({"v": 1, "op": "ping", "rid": "1"}), ctl.BAD_REQUEST, "'rid'", id="id-str"
             ),
             pytest.param(
                 ctl.encode_request("reboot", 1), ctl.UNKNOWN_OP, "unknown op 'reboot'",
@@ -289,9 +289,9 @@ class TestControl:
         [
             pytest.param(ctl.encode_request("lookup", 77), 77, id="request"),
             pytest.param(ctl.encode_request("reboot", 12), 12, id="unknown-op"),
-            pytest.param(pack({"v": 9, "id": 5}), 5, id="wrong-version"),
+            pytest.param(pack({"v": 9, "rid": 5}), 5, id="wrong-version"),
             pytest.param(pack({"op": "ping"}), 0, id="no-id"),
-            pytest.param(pack({"id": "5"}), 0, id="id-str"),
+            pytest.param(pack({"rid": "5"}), 0, id="id-str"),
             pytest.param(pack([5]), 0, id="list"),
             pytest.param(b"\xc1", 0, id="not-msgpack"),
             pytest.param(b"", 0, id="empty"),

@@ -152,15 +152,15 @@ class FakeDaemon:
             return ctl.encode_error(ctl.peek_id(body), exc.code, exc.message)
         self.requests.append(req)
         if req.op == "ping":
-            return ctl.encode_reply(req.id, pong=True)
+            return ctl.encode_reply(req.rid, pong=True)
         if req.op == "list":
-            return ctl.encode_reply(req.id, conns=list(self.conns.values()))
+            return ctl.encode_reply(req.rid, conns=list(self.conns.values()))
         if req.op == "lookup":
             found = self.conns.get(req.args.get("hairpin"))
             if found is None:
-                return ctl.encode_error(req.id, ctl.NOT_FOUND, "no such hairpin")
-            return ctl.encode_reply(req.id, **found)
-        return ctl.encode_error(req.id, ctl.UNSUPPORTED, req.op)
+                return ctl.encode_error(req.rid, ctl.NOT_FOUND, "no such hairpin")
+            return ctl.encode_reply(req.rid, **found)
+        return ctl.encode_error(req.rid, ctl.UNSUPPORTED, req.op)
 
     def _run(self) -> None:
         sock = self._ctx.socket(zmq.ROUTER)
