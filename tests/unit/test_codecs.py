@@ -199,7 +199,7 @@ class TestControl:
     def test_request_defaults(self) -> None:
         # id defaults to 0, and a request without "v" is read as the current version.
         req = ctl.decode_request(pack({"op": "ping"}))
-        assert (req.op, req.id, dict(req.args)) == ("ping", 0, {})
+        assert (req.op, req.rid, dict(req.args)) == ("ping", 0, {})
 
     def test_all_ops_decode(self) -> None:
         for op in sorted(ctl.OPS):

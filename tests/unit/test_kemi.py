@@ -575,7 +575,7 @@ def test_late_reply_is_ignored(ksr: testing.FakeKSR, bridge: TlsBridge,
     tls = bridge.tls()
     assert tls is not None and tls.sni == "right.example.com"
     first, second = daemon.requests
-    assert first.op == second.op == "lookup" and first.id != second.id
+    assert first.op == second.op == "lookup" and first.rid != second.rid
     assert bridge.stats["lookups"] == 2 and bridge.stats["lookup_failures"] == 1
 
 
