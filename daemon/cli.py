@@ -55,7 +55,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"hairpin -> {config.hairpin.host}:{config.hairpin.port} "
           f"(PROXY v{config.hairpin.proxy_protocol})")
     print(f"events  {config.events_endpoint}\ncontrol {config.control_endpoint}")
-    return 0
+    from tlsbridge.daemon import kamcheck
+    from tlsbridge.daemon.reload import expiring
+
+    findings = [("warning", f"certificate {e.path} ({e.owner}) expires {e.not_after}: "
+                 f"{e.days_left:.0f} days left")
+                for e in expiring(config, config.cert_expiry_days)]
+    if args.kamailio_cfg:
+        findings += kamcheck.check_cfg_file(Path(args.kamailio_cfg), config)
+    if not args.offline:
+        findings.append(kamcheck.probe_hairpin(config))
+    for level, message in findings:
+        print(f"{level}: {message}")
+    return 1 if any(level == "error" for level, _ in findings) else 0
 
 
 def _request(args: argparse.Namespace, op: str, **kw: Any) -> dict[str, Any]:
@@ -148,6 +160,17 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from tlsbridge.daemon.reload import expiring
+
+    config = _config(args)
+    row = "{:24} {:>9}  {:20}  {}"
+    print(row.format("OWNER", "DAYS LEFT", "NOT AFTER", "FILE"))
+    for e in sorted(expiring(config, float("inf")), key=lambda e: e.days_left):
+        print(row.format(e.owner, f"{e.days_left:.0f}", e.not_after, e.path))
+    return 0
+
+
 def cmd_engines(args: argparse.Namespace) -> int:
     from tlsbridge.daemon.engines.registry import available
 
@@ -181,8 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("run", parents=[common], help="run the daemon (foreground)").set_defaults(
         func=cmd_run)
-    sub.add_parser("check", parents=[common], help="check configuration and certificates"
-                   ).set_defaults(func=cmd_check)
+    p = sub.add_parser("check", parents=[common],
+                       help="check configuration, certificates, Kamailio and its cfg")
+    p.add_argument("--kamailio-cfg", help="also check this kamailio.cfg for what the bridge needs")
+    p.add_argument("--offline", action="store_true", help="do not probe Kamailio's hairpin")
+    p.set_defaults(func=cmd_check)
     sub.add_parser("ping", parents=[client], help="is the daemon answering?").set_defaults(
         func=cmd_ping)
     sub.add_parser("stats", parents=[client], help="counters").set_defaults(func=cmd_stats)
@@ -208,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.set_defaults(func=cmd_events)
     sub.add_parser("engines", help="TLS engines on this machine").set_defaults(func=cmd_engines)
+    sub.add_parser("certs", parents=[common], help="configured certificates and their expiry"
+                   ).set_defaults(func=cmd_certs)
     p = sub.add_parser("dev-certs", help="create a development CA and server certificate")
     p.add_argument("directory")
     p.add_argument("--name", action="append", help="DNS name (repeatable; default localhost)")

@@ -151,9 +151,11 @@ class _Lexer:
     def _invalid(self, c: str) -> TlsCfgError:
         return self.error(f"invalid character {c!r}")
 
-    def _escaped(self, c: str, *, space: bool) -> str | None:
-        """The character an escape stands for; None for an escaped end of line (a line
-        continuation)."""
+    def _escaped(self, *, space: bool) -> str | None:
+        """Read the character after a backslash: what it stands for, None for an end of line
+        (a line continuation)."""
+        where = _Token("escape", "", self.line, self.column)
+        c = self._take()
         if c in '#"\\':
             return c
         if c in "rnt":
@@ -162,7 +164,7 @@ class _Lexer:
             return " "
         if c == "\n":
             return None
-        raise self.error(f"unsupported escape character {c!r}")
+        raise self.error(f"unsupported escape character {c!r}", where)
 
     def token(self, *, extended: bool = False) -> _Token | None:
         """The next token, None at the end of the text."""
@@ -212,7 +214,7 @@ class _Lexer:
                 else:
                     raise self._invalid(c)
             elif state == "word_escape":
-                if (e := self._escaped(self._take(), space=True)) is not None:
+                if (e := self._escaped(space=True)) is not None:
                     push(e)
                 state = "word"
             elif state == "quoted":
@@ -224,7 +226,7 @@ class _Lexer:
                 else:
                     push(c)
             elif state == "quoted_escape":
-                if (e := self._escaped(self._take(), space=False)) is not None:
+                if (e := self._escaped(space=False)) is not None:
                     push(e)
                 state = "quoted"
             elif state == "comment":
@@ -238,7 +240,7 @@ class _Lexer:
                 self._take()  # an escaped end of line continues the comment
                 state = "comment"
             else:  # "escape", outside a word: only useful as a line continuation
-                e = self._escaped(self._take(), space=True)
+                e = self._escaped(space=True)
                 if e is not None:
                     # Kamailio returns it as a lone token of that character: an escaped "n"
                     # is an end of line, anything else a syntax error.
