@@ -21,6 +21,7 @@ examples:
   tlsbridge lookup --hairpin 127.0.0.1:40312         TLS facts of one connection
   tlsbridge events --json                            follow connection events
   tlsbridge dev-certs run/certs                      a development CA and server certificate
+  tlsbridge import-tls-cfg /etc/kamailio/tls.cfg > /etc/tlsbridge/tlsbridge.toml
 
 The configuration file is -c FILE, else $TLSBRIDGE_CONFIG, else /etc/tlsbridge/tlsbridge.toml.
 """
@@ -171,6 +172,13 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_tls_cfg(args: argparse.Namespace) -> int:
+    from tlsbridge.daemon.tlscfg import main_import
+
+    return main_import(args.path, sys.stdout, sys.stderr, tls_port=args.tls_port,
+                       hairpin=args.hairpin)
+
+
 def cmd_engines(args: argparse.Namespace) -> int:
     from tlsbridge.daemon.engines.registry import available
 
@@ -234,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.set_defaults(func=cmd_events)
     sub.add_parser("engines", help="TLS engines on this machine").set_defaults(func=cmd_engines)
+    p = sub.add_parser("import-tls-cfg",
+                       help="print the tlsbridge TOML for a Kamailio tls.cfg (warnings on stderr)")
+    p.add_argument("path", help="tls.cfg (or a directory of them)")
+    p.add_argument("--tls-port", type=int, default=5061, help="port of [server:default]")
+    p.add_argument("--hairpin", default="127.0.0.1:5062", help="Kamailio's hairpin listener")
+    p.set_defaults(func=cmd_import_tls_cfg)
     sub.add_parser("certs", parents=[common], help="configured certificates and their expiry"
                    ).set_defaults(func=cmd_certs)
     p = sub.add_parser("dev-certs", help="create a development CA and server certificate")

@@ -264,8 +264,21 @@ class Hub:
             raise ctl.ControlError(ctl.NOT_FOUND, f"connect: no client profile {profile!r}")
         if sni is None and not is_ip(host):
             sni = host  # RFC 5922: the SIP domain is what the certificate must name
+        if not args.get("profile"):
+            profile = self._profile_for(host, port)
         target = Target(host.strip("[]"), port, sni, profile)
         return self.connector.connect(target, args.get("tag"))
+
+    def _profile_for(self, host: str, port: int) -> str:
+        """The client profile whose `destinations` name this server (tls.cfg's
+        [client:IP:PORT]), else "default"."""
+        from tlsbridge.shared.addr import format_addr
+
+        target = format_addr(host.strip("[]"), port)
+        for name, profile in self.config.clients.items():
+            if target in profile.destinations:
+                return name
+        return "default"
 
     def _op_stats(self, args: dict[str, Any]) -> dict[str, Any]:
         conns = list(self.conns.values())

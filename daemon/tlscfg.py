@@ -68,6 +68,7 @@ class Section:
     host: str | None = None  # normalised IP address, for kind "address"
     port: int | None = None  # 0 matches every port of `host`
     settings: dict[str, Setting] = field(default_factory=dict)
+    replaced: list[Setting] = field(default_factory=list)  # set again further down
 
     @property
     def title(self) -> str:
@@ -103,6 +104,8 @@ class TlsCfg:
 
 @dataclass(frozen=True, slots=True)
 class ConversionResult:
+    """What `convert` returns."""
+
     toml: str  # a complete tlsbridge configuration, with comments
     warnings: list[str]  # what could not be carried over; also written as comments in `toml`
 
@@ -151,17 +154,15 @@ class _Lexer:
     def _invalid(self, c: str) -> TlsCfgError:
         return self.error(f"invalid character {c!r}")
 
-    def _escaped(self, *, space: bool) -> str | None:
+    def _escaped(self, *, quoted: bool = False) -> str | None:
         """Read the character after a backslash: what it stands for, None for an end of line
-        (a line continuation)."""
+        (a line continuation). Inside quotes `#` and space need no escape and take none."""
         where = _Token("escape", "", self.line, self.column)
         c = self._take()
-        if c in '#"\\':
+        if c in '"\\' or (c in "# " and not quoted):
             return c
         if c in "rnt":
             return {"r": "\r", "n": "\n", "t": "\t"}[c]
-        if c == " " and space:
-            return " "
         if c == "\n":
             return None
         raise self.error(f"unsupported escape character {c!r}", where)
@@ -214,7 +215,7 @@ class _Lexer:
                 else:
                     raise self._invalid(c)
             elif state == "word_escape":
-                if (e := self._escaped(space=True)) is not None:
+                if (e := self._escaped()) is not None:
                     push(e)
                 state = "word"
             elif state == "quoted":
@@ -226,7 +227,7 @@ class _Lexer:
                 else:
                     push(c)
             elif state == "quoted_escape":
-                if (e := self._escaped(space=False)) is not None:
+                if (e := self._escaped(quoted=True)) is not None:
                     push(e)
                 state = "quoted"
             elif state == "comment":
@@ -240,7 +241,7 @@ class _Lexer:
                 self._take()  # an escaped end of line continues the comment
                 state = "comment"
             else:  # "escape", outside a word: only useful as a line continuation
-                e = self._escaped(space=True)
+                e = self._escaped()
                 if e is not None:
                     # Kamailio returns it as a lone token of that character: an escaped "n"
                     # is an end of line, anything else a syntax error.
@@ -325,11 +326,12 @@ _ANY_WORDS = ("any", "all")
 
 
 class _Parser:
+    """sr_cfg_parse() with tls_config.c's section parser and option table."""
+
     def __init__(self, text: str, source: str) -> None:
         self.lex = _Lexer(text, source)
         self.source = source
         self.sections: list[Section] = []
-        self.warnings: list[str] = []
 
     def parse(self) -> TlsCfg:
         while (tok := self.lex.token()) is not None:
@@ -339,7 +341,7 @@ class _Parser:
                 self._section(tok)
             elif tok.kind != "eol":
                 raise self.lex.error(f"syntax error at {tok.text!r}", tok)
-        return TlsCfg(self.source, self.sections, self.warnings)
+        return TlsCfg(self.source, self.sections)
 
     def _next(self, what: str, *, extended: bool = False) -> _Token:
         tok = self.lex.token(extended=extended)
@@ -377,9 +379,7 @@ class _Parser:
         self._end_of_line()
         section = self.sections[-1]
         if key in section.settings:
-            earlier = section.settings[key]
-            self.warnings.append(f"{self.source}:{tok.line}: {section.title} {key}: set again "
-                                 f"(first at line {earlier.line}); the last value counts")
+            section.replaced.append(section.settings[key])
         section.settings[key] = Setting(key, tok.text, value, value_tok.text, tok.line)
 
     def _value(self, kind: str, key: str, tok: _Token) -> Any:
@@ -510,8 +510,7 @@ def read_tls_cfg(path: str | os.PathLike[str]) -> TlsCfg:
         return parse_tls_cfg(_read_text(p), source=str(path))
     files = sorted(f for f in p.iterdir() if f.is_file())
     parts = [parse_tls_cfg(_read_text(f), source=str(f)) for f in files]
-    cfg = TlsCfg(str(path), [s for part in parts for s in part.sections],
-                 [w for part in parts for w in part.warnings])
+    cfg = TlsCfg(str(path), [s for part in parts for s in part.sections])
     _check(cfg)
     if len(files) > 1:
         cfg.warnings.append(f"{path}: Kamailio reads the files of a configuration directory in "
@@ -545,6 +544,7 @@ _OLD_METHODS = {
 }
 _SUBDOMAINS, _DOMAIN_AND_SUBDOMAINS = 2, 1  # server_name_mode; anything else: the name only
 _HSM_PREFIXES = ("/engine:", "/uri:")  # private keys in an HSM (tls_openssl.h)
+_VERIFY_KEYS = ("verify_certificate", "require_certificate", "verify_client")
 
 
 def _toml_str(value: str) -> str:
@@ -597,7 +597,6 @@ class _Table:
     name: str
     section: Section
     items: list[tuple[str, Any, str]] = field(default_factory=list)  # key, value, comment
-    notes: list[str] = field(default_factory=list)
     verify: str = "off"
     crl: str | None = None
     engine: str | None = None
@@ -644,7 +643,7 @@ class _Converter:
         return ", ".join(f"{sec.settings[k].spelling} = {sec.settings[k].text}"
                          for k in keys if k in sec.settings)
 
-    def _path(self, table: _Table, key: str, toml_key: str | None = None) -> str | None:
+    def _path(self, table: _Table, key: str) -> str | None:
         sec = table.section
         value = sec.get(key)
         if value is None:
@@ -660,7 +659,7 @@ class _Converter:
             self.relative_paths = True
         elif not value.startswith("/"):
             self.relative_paths = True
-        table.set(toml_key or key, value, self._said(sec, key) if toml_key else "")
+        table.set(key, value)
         return value
 
     @staticmethod
@@ -723,6 +722,10 @@ class _Converter:
             # Kamailio hands cipher_list to SSL_CTX_set_ciphersuites() for these methods only.
             table.set("tls13_ciphersuites", sec.get("cipher_list"),
                       f"{self._said(sec, 'cipher_list')} (TLS 1.3 suites with method {method})")
+            self.warn(sec, "cipher_list", f"with method {method} it lists TLS 1.3 suites "
+                      "(tls13_ciphersuites): tlsbridge's openssl engine cannot restrict them "
+                      "(Python's ssl has no API for it) and refuses the profile; choose another "
+                      "engine, or drop tls13_ciphersuites to keep OpenSSL's TLS 1.3 suites")
         else:
             table.set("ciphers", sec.get("cipher_list"),
                       f"{self._said(sec, 'cipher_list')} (TLS 1.2; TLS 1.3 keeps OpenSSL's "
@@ -796,7 +799,7 @@ class _Converter:
         self._identity(table, server=True)
         mode = self._verify_mode(sec)
         table.verify = mode
-        said = self._said(sec, "verify_certificate", "require_certificate", "verify_client")
+        said = self._said(sec, *_VERIFY_KEYS)
         table.set("verify_client", mode, said or "Kamailio's default")
         if mode in ("on", "optional") and sec.get("ca_list") is None \
                 and sec.get("ca_path") is None:
@@ -915,10 +918,11 @@ class _Converter:
                       f"{base.name!r}: Kamailio switches this by SNI, tlsbridge's openssl "
                       "engine cannot and refuses to start; give them the same verification or "
                       "a listener of their own", lst.notes)
-        if any(t.engine for t in (base, *sni)):
-            self.warn(lst.section, None, f"listener {lst.address}: a profile needs engine "
-                      "pyopenssl (verify_client optional_no_ca) but choosing profiles by SNI "
-                      "needs engine openssl", lst.notes)
+        other = [t.name for t in (base, *sni) if t.engine]
+        if other:
+            self.warn(lst.section, None, f"listener {lst.address}: profiles {', '.join(other)} "
+                      "need engine pyopenssl (verify_client optional_no_ca) but choosing "
+                      "profiles by SNI needs engine openssl", lst.notes)
         # Kamailio takes the first profile whose name or subdomains match; tlsbridge prefers an
         # exact name to a wildcard whatever the order.
         for i, first in enumerate(sni):
@@ -942,7 +946,7 @@ class _Converter:
         self._identity(table, server=False)
         mode = self._verify_mode(sec)
         verify = mode in ("on", "optional")  # optional_no_ca: every certificate passes
-        said = self._said(sec, "verify_certificate", "require_certificate", "verify_client")
+        said = self._said(sec, *_VERIFY_KEYS)
         table.set("verify_server", verify, said or "Kamailio's default: no verification")
         if verify and sec.get("ca_list") is None and sec.get("ca_path") is None:
             self.warn(sec, "ca_list", "not set: Kamailio had no CA to verify servers with (every "
@@ -957,7 +961,8 @@ class _Converter:
         else:
             checked = "the SNI or destination host"
         if verify:
-            self.warn(sec, "verify_certificate", "Kamailio checked only the server's "
+            key = next(k for k in _VERIFY_KEYS if k in sec.settings)
+            self.warn(sec, key, "Kamailio checked only the server's "
                       f"certificate chain; tlsbridge also checks that it names {checked} "
                       "(RFC 5922)")
         self._depth(table)
@@ -1003,6 +1008,10 @@ class _Converter:
     def run(self) -> ConversionResult:
         secs = self.cfg.sections
         src = self.cfg.source
+        for sec in secs:
+            for old in sec.replaced:
+                self.warn(sec, old.key, f"set again (line {old.line} is overridden): the last "
+                          "value counts")
         srv_default = next((s for s in secs if s.role == "server" and s.kind == "default"), None)
         cli_default = next((s for s in secs if s.role == "client" and s.kind == "default"), None)
         if srv_default is None:
@@ -1057,7 +1066,7 @@ class _Converter:
             out += _comment(f"warning: {note}")
         out += ["", "[kamailio]"]
         out += _comment("Kamailio drops tls.so and takes the decrypted connections here: "
-                        "listen=tcp:<hairpin> and tcp_accept_haproxy=yes in kamailio.cfg.")
+                        f"listen=tcp:{self.hairpin} and tcp_accept_haproxy=yes in kamailio.cfg.")
         out += [f"hairpin = {_toml_str(self.hairpin)}",
                 "proxy_protocol = 1  # 2 only with Kamailio >= 5.8", ""]
         for lst in listeners:

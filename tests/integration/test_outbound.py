@@ -234,3 +234,35 @@ def test_hanging_connects_do_not_delay_other_calls(world: World) -> None:
             ua.close()
         caller.close()
         callee.close()
+
+
+def test_idle_outbound_connections_close(tmp_path: Path, certs: dict[str, Path]) -> None:
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(tmp_path / "ca2.pem")
+    leaf = ca.issue_cert("idle.example.test")
+    leaf.cert_chain_pems[0].write_to_path(tmp_path / "idle.pem")
+    leaf.private_key_pem.write_to_path(tmp_path / "idle.key")
+    trunk = TlsTrunk(tmp_path / "idle.pem", tmp_path / "idle.key")
+    stack = start_stack(tmp_path, certs, extra=f"""
+[outbound]
+idle_timeout = 1.0
+
+[client.default]
+ca_list = "{tmp_path / 'ca2.pem'}"
+""")
+    try:
+        reply = stack.daemon.request("connect", host="127.0.0.1", port=trunk.port,
+                                     sni="idle.example.test", tag="t1")
+        assert reply["state"] == "pending"
+        ready = stack.events.wait_for(lambda e: e.type == ev.OUTBOUND_READY)
+        assert ready.fields["tags"] == ["t1"]
+        again = stack.daemon.request("connect", host="127.0.0.1", port=trunk.port,
+                                     sni="idle.example.test", tag="t2")
+        assert again["state"] == "ready"  # reused
+        closed = stack.events.wait_for(lambda e: e.type == ev.CONN_CLOSED
+                                       and e.conn.id == ready.conn.id, timeout=5)
+        assert closed.reason == "idle_timeout"
+        assert closed.fields["keys"] == [ready.fields["key"]]
+    finally:
+        stop_stack(stack)
+        trunk.close()

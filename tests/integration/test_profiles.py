@@ -277,3 +277,17 @@ def test_reload_with_a_broken_key_changes_nothing(lab: Lab) -> None:
     finally:
         (lab.dir / "live.key").write_bytes(good_key)
         live.close()
+
+
+def test_expiring_certificates_are_published(lab: Lab) -> None:
+    config = lab.stack.daemon.config
+    text = config.read_text()
+    config.write_text(text.replace("[daemon]\n", "[daemon]\ncert_expiry_days = 10000000\n", 1))
+    try:
+        assert reload_cli(lab).returncode == 0
+        expiring = lab.stack.events.wait_for(lambda e: e.type == ev.CERT_EXPIRING)
+        assert expiring.fields["days_left"] > 0 and expiring.fields["not_after"].endswith("Z")
+        assert expiring.fields["owner"].startswith("profile.")
+    finally:
+        config.write_text(text)
+        reload_cli(lab)
