@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import zmq
 import zmq.asyncio
 
+from tlsbridge.daemon.channels import ControlServer, EventSink, unlink
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
 from tlsbridge.shared.addr import is_ip
@@ -44,8 +45,12 @@ class Connection(Protocol):
 
 
 class Hub:
-    def __init__(self, config: Config) -> None:
+    """`worker` = (index, count) when a supervisor runs several: events then go to the
+    supervisor, control requests come from it, and connection ids stay unique across workers."""
+
+    def __init__(self, config: Config, worker: tuple[int, int] | None = None) -> None:
         self.config = config
+        self.worker = worker
         self.log = log
         self.started = time.time()
         self.src = secrets.token_hex(8)
@@ -57,9 +62,8 @@ class Hub:
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.max_connections = effective_max_connections(config.max_connections)
         self._ctx = zmq.asyncio.Context()
-        self._pub: zmq.Socket | None = None
-        self._ctl: zmq.asyncio.Socket | None = None
-        self._ctl_task: asyncio.Task[None] | None = None
+        self._events: EventSink | None = None
+        self._control: ControlServer | None = None
         self.connector: Connector | None = None
         self.reloader: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
@@ -67,42 +71,44 @@ class Hub:
 
     def start(self) -> None:
         os.makedirs(self.config.run_dir, mode=0o750, exist_ok=True)
-        # XPUB with NODROP: a subscriber at its HWM makes send() fail instead of losing events
-        # silently, so every loss is counted (stats: events_dropped); we never block.
-        pub = zmq.Context.instance().socket(zmq.XPUB)
-        pub.setsockopt(zmq.XPUB_NODROP, 1)
-        pub.setsockopt(zmq.SNDHWM, self.config.events_hwm)
-        pub.setsockopt(zmq.LINGER, 0)
-        _bind(pub, self.config.events_endpoint)
-        self._pub = pub
-        router = self._ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # a peer sending more is disconnected
-        _bind(router, self.config.control_endpoint)
-        self._ctl = router
-        self._ctl_task = asyncio.get_running_loop().create_task(self._serve_control())
-        self.publish(ev.DAEMON_STARTED, None, pid=os.getpid())
+        hwm = self.config.events_hwm
+        if self.worker is None:
+            self._events = EventSink.publisher(self.config.events_endpoint, hwm, self._dropped)
+            self._control = ControlServer.router(self._ctx, self.config.control_endpoint,
+                                                 self.handle_request)
+        else:
+            index, _ = self.worker
+            self._events = EventSink.pusher(worker_events_endpoint(self.config), hwm,
+                                            self._dropped)
+            self._control = ControlServer.dealer(self._ctx, worker_control_endpoint(self.config),
+                                                 f"w{index}".encode(), self.handle_request)
+        self._control.start()
+        if self.worker is None:
+            self.publish(ev.DAEMON_STARTED, None, pid=os.getpid())
+
+    def _dropped(self) -> None:
+        self.counters["events_dropped"] += 1
 
     async def close(self) -> None:
-        self.publish(ev.DAEMON_STOPPING, None, pid=os.getpid())
-        if self._ctl_task:
-            self._ctl_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ctl_task
-        for sock in (self._pub, self._ctl):
-            if sock is not None:
-                sock.close(linger=0)
+        if self.worker is None:
+            self.publish(ev.DAEMON_STOPPING, None, pid=os.getpid())
+        if self._control is not None:
+            await self._control.close()
+        if self._events is not None:
+            self._events.close()
         self._ctx.term()
-        for endpoint in (self.config.events_endpoint, self.config.control_endpoint):
-            if endpoint.startswith("ipc://"):
-                with contextlib.suppress(OSError):
-                    os.unlink(endpoint[len("ipc://") :])
+        if self.worker is None:
+            unlink(self.config.events_endpoint)
+            unlink(self.config.control_endpoint)
 
     # -- connection table -------------------------------------------------------------------
 
     def next_id(self) -> int:
         self._ids += 1
-        return self._ids
+        if self.worker is None:
+            return self._ids
+        index, count = self.worker
+        return (self._ids - 1) * count + index + 1  # worker = (id - 1) % count
 
     def admit(self, ip: str) -> str | None:
         """Why a new inbound connection from `ip` is refused, or None (limits)."""
@@ -153,47 +159,19 @@ class Hub:
             self.counters[f"{type_}.{fields.get('reason')}"] += 1
         event, frames = self._encoder.encode(type_, conn, **fields)
         _log_event(event)
-        if self._pub is None:
-            return
-        while self._pub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self._pub.recv(zmq.NOBLOCK)  # (un)subscriptions: not needed, must not pile up
-        try:
-            self._pub.send_multipart(frames, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            self.counters["events_dropped"] += 1
+        if self._events is not None:
+            self._events.send(frames)
 
     # -- control ----------------------------------------------------------------------------
 
-    async def _serve_control(self) -> None:
-        assert self._ctl is not None
-        while True:
-            frames = await self._ctl.recv_multipart()
-            if len(frames) < 2:
-                continue
-            identity, body = frames[0], frames[-1]
-            envelope = frames[:-1]
-            try:
-                reply = self.handle_request(body)
-                if reply is None and ctl.peek_op(body) == "reload":
-                    reply = await self._reload(ctl.peek_id(body))
-            except Exception as exc:  # a bug in one op must not stop the control loop
-                log.exception("control request failed")
-                reply = ctl.encode_error(ctl.peek_id(body), ctl.INTERNAL, str(exc))
-            if reply is None:
-                continue  # the client asked for no reply (it learns the outcome by events)
-            try:
-                await self._ctl.send_multipart([*envelope, reply], flags=zmq.NOBLOCK)
-            except zmq.Again:
-                log.warning("control reply to %r dropped: client not reading", identity)
-
-    def handle_request(self, body: bytes) -> bytes | None:
+    def handle_request(self, body: bytes) -> bytes | Awaitable[bytes] | None:
         try:
             req = ctl.decode_request(body)
         except ctl.ControlError as exc:
             self.counters["control.errors"] += 1
             return ctl.encode_error(ctl.peek_id(body), exc.code, exc.message)
         if req.op == "reload":
-            return None  # asynchronous: _serve_control awaits _reload
+            return self._reload(req.rid)
         if req.args.get("noreply"):
             self._handle(req)
             return None
@@ -320,14 +298,12 @@ def _describe(conn: Connection) -> dict[str, Any]:
     }
 
 
-def _bind(sock: zmq.Socket, endpoint: str) -> None:
-    if endpoint.startswith("ipc://"):
-        path = endpoint[len("ipc://") :]
-        if os.path.exists(path):
-            os.unlink(path)  # a stale socket from a crashed run
-    sock.bind(endpoint)
-    if endpoint.startswith("ipc://"):
-        os.chmod(endpoint[len("ipc://") :], 0o660)
+def worker_events_endpoint(config: Config) -> str:
+    return f"ipc://{config.run_dir}/workers-events.sock"
+
+
+def worker_control_endpoint(config: Config) -> str:
+    return f"ipc://{config.run_dir}/workers-control.sock"
 
 
 def _log_event(event: ev.Event) -> None:

@@ -96,15 +96,6 @@ def peek_id(data: bytes) -> int:
     return rid if isinstance(rid, int) else 0
 
 
-def peek_op(data: bytes) -> str | None:
-    try:
-        body = msgpack.unpackb(data, raw=False)
-    except Exception:
-        return None
-    op = body.get("op") if isinstance(body, dict) else None
-    return op if isinstance(op, str) else None
-
-
 def decode_reply(data: bytes) -> dict[str, Any]:
     """The reply map of a successful request; raises ControlError for an error reply."""
     try:

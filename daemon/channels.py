@@ -1,0 +1,141 @@
+"""The daemon's ZeroMQ channels: where events leave and control requests arrive.
+
+Single process: an XPUB for events and a ROUTER for control, bound on the configured endpoints.
+Worker of a supervisor: events are PUSHed to the supervisor and control requests arrive on a
+DEALER from it. The control loop is the same for both; only the socket differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from tlsbridge.shared import control as ctl
+
+log = logging.getLogger("tlsbridge")
+
+# handler(body) -> reply, None (no reply), or an awaitable reply (slow ops such as reload)
+Handler = Callable[[bytes], "bytes | Awaitable[bytes] | None"]
+
+
+def bind(sock: zmq.Socket, endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://") :]
+        if os.path.exists(path):
+            os.unlink(path)  # a stale socket from a crashed run
+    sock.bind(endpoint)
+    if endpoint.startswith("ipc://"):
+        os.chmod(endpoint[len("ipc://") :], 0o660)
+
+
+def unlink(endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        with contextlib.suppress(OSError):
+            os.unlink(endpoint[len("ipc://") :])
+
+
+class EventSink:
+    """Sends event frames without ever blocking; counts what it had to drop."""
+
+    def __init__(self, sock: zmq.Socket, on_drop: Callable[[], None]) -> None:
+        self.sock = sock
+        self.on_drop = on_drop
+        self._xpub = sock.socket_type == zmq.XPUB
+
+    @classmethod
+    def publisher(cls, endpoint: str, hwm: int, on_drop: Callable[[], None]) -> EventSink:
+        # XPUB with NODROP: a subscriber at its HWM makes send() fail instead of losing events
+        # silently, so every loss is counted; we never block.
+        sock = zmq.Context.instance().socket(zmq.XPUB)
+        sock.setsockopt(zmq.XPUB_NODROP, 1)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.LINGER, 0)
+        bind(sock, endpoint)
+        return cls(sock, on_drop)
+
+    @classmethod
+    def pusher(cls, endpoint: str, hwm: int, on_drop: Callable[[], None]) -> EventSink:
+        sock = zmq.Context.instance().socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.LINGER, 1000)  # the last events (conn.closed at shutdown) get out
+        sock.connect(endpoint)
+        return cls(sock, on_drop)
+
+    def send(self, frames: list[bytes]) -> None:
+        if self._xpub:
+            while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self.sock.recv(zmq.NOBLOCK)  # (un)subscriptions: not needed, must not pile up
+        try:
+            self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.on_drop()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ControlServer:
+    """Receives requests on `sock` (ROUTER bound, or DEALER connected to a supervisor) and
+    answers with `handler`; a broken request or handler never stops the loop."""
+
+    def __init__(self, sock: zmq.asyncio.Socket, handler: Handler) -> None:
+        self.sock = sock
+        self.handler = handler
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def router(cls, ctx: zmq.asyncio.Context, endpoint: str, handler: Handler) -> ControlServer:
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # a peer sending more is disconnected
+        bind(sock, endpoint)
+        return cls(sock, handler)
+
+    @classmethod
+    def dealer(cls, ctx: zmq.asyncio.Context, endpoint: str, identity: bytes,
+               handler: Handler) -> ControlServer:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.connect(endpoint)
+        return cls(sock, handler)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart()
+            if not frames:
+                continue
+            envelope, body = frames[:-1], frames[-1]
+            asyncio.get_running_loop().create_task(self._answer(envelope, body))
+
+    async def _answer(self, envelope: list[bytes], body: bytes) -> None:
+        try:
+            reply: Any = self.handler(body)
+            if reply is not None and not isinstance(reply, bytes):
+                reply = await reply
+        except Exception as exc:  # a bug in one op must not stop the control loop
+            log.exception("control request failed")
+            reply = ctl.encode_error(ctl.peek_id(body), ctl.INTERNAL, str(exc))
+        if reply is None:
+            return  # the client asked for no reply (it learns the outcome by events)
+        try:
+            await self.sock.send_multipart([*envelope, reply], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("control reply dropped: the client is not reading")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.sock.close(linger=0)
