@@ -38,9 +38,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if config.workers > 1:
+        from tlsbridge.daemon.supervisors.multiprocess import run_supervised
+
+        run_supervised(config, config.workers)
+    else:
+        from tlsbridge.daemon.server import run
+
+        run(config)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    config = _config(args)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s %(name)s[w{args.index}]: %(message)s",
+        stream=sys.stderr,
+    )
     from tlsbridge.daemon.server import run
 
-    run(config)
+    run(config, (args.index, args.count))
     return 0
 
 
@@ -90,7 +108,8 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     reply = _request(args, "stats")
-    reply.pop("v", None), reply.pop("id", None), reply.pop("ok", None)
+    for key in ("v", "rid", "ok"):
+        reply.pop(key, None)
     print(json.dumps(reply, indent=2, sort_keys=True))
     return 0
 
@@ -212,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("run", parents=[common], help="run the daemon (foreground)").set_defaults(
         func=cmd_run)
+    p = sub.add_parser("worker", parents=[common])  # started by the supervisor
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.set_defaults(func=cmd_worker)
     p = sub.add_parser("check", parents=[common],
                        help="check configuration, certificates, Kamailio and its cfg")
     p.add_argument("--kamailio-cfg", help="also check this kamailio.cfg for what the bridge needs")

@@ -119,6 +119,7 @@ class Config:
     max_connections: int = 0  # 0: as many as the open-files limit allows
     max_per_ip: int = 0  # 0: unlimited
     metrics: tuple[str, int] | None = None  # Prometheus endpoint; off unless set
+    workers: int = 1  # processes serving TLS; more than one adds a supervisor
     cert_expiry_days: float = 30.0  # publish cert.expiring this many days before notAfter
 
 
@@ -283,6 +284,7 @@ def _build(path: Path, root: _Section) -> Config:
         max_connections=limits.get("max_connections", int, 0),
         max_per_ip=limits.get("max_per_ip", int, 0),
         metrics=_metrics(root.sub("metrics", {})),
+        workers=_workers(daemon),
         cert_expiry_days=daemon.positive("cert_expiry_days", float, 30.0),
     )
 
@@ -308,6 +310,15 @@ _CLIENT_KEYS = (
     "ca_list", "ca_path", "crl", "verify_server", "verify_name", "verify_depth", "min_version",
     "max_version", "ciphers", "tls13_ciphersuites", "engine", "destinations",
 )
+
+
+def _workers(daemon: _Section) -> int:
+    value = daemon.get("workers", (int, str), 1)
+    if value == "auto":
+        return os.cpu_count() or 1
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 256:
+        raise daemon.fail("workers", f"must be 1..256 or \"auto\", got {value!r}")
+    return value
 
 
 def _metrics(sec: _Section) -> tuple[str, int] | None:

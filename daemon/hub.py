@@ -82,9 +82,13 @@ class Hub:
                                             self._dropped)
             self._control = ControlServer.dealer(self._ctx, worker_control_endpoint(self.config),
                                                  f"w{index}".encode(), self.handle_request)
-        self._control.start()
         if self.worker is None:
             self.publish(ev.DAEMON_STARTED, None, pid=os.getpid())
+
+    def serve_control(self) -> None:
+        """Answer control requests from now on: once this answers, the listeners are up."""
+        assert self._control is not None
+        self._control.start()
 
     def _dropped(self) -> None:
         self.counters["events_dropped"] += 1

@@ -42,9 +42,13 @@ def build_factories(config: Config) -> dict[str, Callable[[], TlsEngine]]:
 
 
 class Server:
-    def __init__(self, config: Config) -> None:
+    """One process serving every listener; or, with `worker`, one of a supervisor's workers
+    (which then owns events, control, certificate checks and metrics)."""
+
+    def __init__(self, config: Config, worker: tuple[int, int] | None = None) -> None:
         self.config = config
-        self.hub = Hub(config)
+        self.worker = worker
+        self.hub = Hub(config, worker)
         self.hub.reloader = self.reload
         self._factories: dict[str, Callable[[], TlsEngine]] = {}
         self._servers: dict[str, asyncio.Server] = {}
@@ -75,8 +79,11 @@ class Server:
         self.hub.start()
         for lst in self.config.listeners:
             await self._listen(lst)
+        self.hub.serve_control()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        if self.worker is not None:
+            return  # the supervisor reloads us, checks certificates and serves metrics
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_quietly()))
         self._tasks.append(loop.create_task(self._check_expiry_periodically()))
         if self.config.metrics:
@@ -108,7 +115,8 @@ class Server:
                 self.hub.connector.check(new)
             except ConfigError as exc:
                 log.error("reload failed, nothing changed: %s", exc)
-                self.hub.publish(ev.CONFIG_RELOAD_FAILED, None, reason=str(exc))
+                if self.worker is None:
+                    self.hub.publish(ev.CONFIG_RELOAD_FAILED, None, reason=str(exc))
                 raise
             changes = rl.diff(self.config, new, self._fingerprints, fingerprints)
             old_addresses = set(self._servers)
@@ -121,9 +129,10 @@ class Server:
                 if lst.address not in self._servers:
                     await self._listen(lst)
             logging.getLogger().setLevel(new.log_level.upper())
-            self.hub.publish(ev.CONFIG_RELOADED, None, **changes.to_dict())
             log.info("configuration reloaded: %s", changes.to_dict())
-            self._publish_expiring()
+            if self.worker is None:
+                self.hub.publish(ev.CONFIG_RELOADED, None, **changes.to_dict())
+                self._publish_expiring()
             return changes.to_dict()
 
     async def _reload_quietly(self) -> None:
@@ -190,8 +199,8 @@ class Server:
         await self.hub.close()
 
 
-async def _main(config: Config) -> None:
-    server = Server(config)
+async def _main(config: Config, worker: tuple[int, int] | None = None) -> None:
+    server = Server(config, worker)
     await server.start()
     try:
         await server.serve()
@@ -199,10 +208,11 @@ async def _main(config: Config) -> None:
         await server.shutdown()
 
 
-def run(config: Config) -> None:
+def run(config: Config, worker: tuple[int, int] | None = None) -> None:
+    """Serve in this process (as worker `worker` of a supervisor when given)."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_main(config))
+        asyncio.run(_main(config, worker))
     else:
-        uvloop.run(_main(config))
+        uvloop.run(_main(config, worker))

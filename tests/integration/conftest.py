@@ -56,10 +56,12 @@ def start_stack(
     engine: str = "openssl", listener_extra: str = "",
 ) -> Stack:
     tls_port, sip_port, hairpin_port = (free_tcp_udp_port() for _ in range(3))
+    engine, _, workers = engine.partition("-x")
     config = write_bridge_config(
         workdir / "tlsbridge.toml", tls_port=tls_port, hairpin_port=hairpin_port,
         sip_port=sip_port,
         certs=certs, run_dir=workdir, extra=extra, engine=engine, listener_extra=listener_extra,
+        workers=int(workers or 1),
     )
     kamailio = None
     daemon = None
@@ -89,11 +91,14 @@ def stop_stack(stack: Stack) -> None:
 
 
 ENGINES = [name for name, reason in available().items() if reason is None]
+# "openssl-x2": the openssl engine with a supervisor and two worker processes.
+VARIANTS = [*ENGINES, "openssl-x2"]
 
 
-@pytest.fixture(scope="module", params=ENGINES)
+@pytest.fixture(scope="module", params=VARIANTS)
 def engine(request: pytest.FixtureRequest) -> str:
-    """Every integration module runs once per TLS engine available here."""
+    """Every integration module runs once per TLS engine available here, and once with
+    several worker processes."""
     return request.param
 
 

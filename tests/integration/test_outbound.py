@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.integration]
 
 class World:
     def __init__(self, tmp: Path, certs: dict[str, Path], engine: str) -> None:
+        base = engine.partition("-x")[0]
         ca = trustme.CA()
         ca.cert_pem.write_to_path(tmp / "trunk-ca.pem")
         good = ca.issue_cert("trunk.example.test", "alt.example.test", "127.0.0.1")
@@ -71,7 +72,8 @@ sni = "alt.example.test"
 client = "tenant2"
 prefixes = ["+62"]
 """
-        self.stack = start_stack(tmp, certs, extra=extra, engine=engine)
+        self.stack = start_stack(tmp, certs, extra=extra.replace(f'"{engine}"', f'"{base}"'),
+                                 engine=engine)
 
     def close(self) -> None:
         stop_stack(self.stack)

@@ -164,10 +164,11 @@ class Kamailio(Proc):
 def write_bridge_config(
     path: Path, *, tls_port: int, hairpin_port: int, sip_port: int, certs: dict[str, Path],
     run_dir: Path, extra: str = "", handshake_timeout: float = 5.0, engine: str = "openssl",
-    listener_extra: str = "",
+    listener_extra: str = "", workers: int = 1,
 ) -> Path:
     path.write_text(f"""
 [daemon]
+workers = {workers}
 run_dir = "{run_dir}"
 log_level = "debug"
 handshake_timeout = {handshake_timeout}

@@ -1,0 +1,1 @@
+"""Process layouts: one process (`Server` alone) or a supervisor with N worker processes."""

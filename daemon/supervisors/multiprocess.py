@@ -1,0 +1,381 @@
+"""A supervisor and N worker processes sharing the listeners (SO_REUSEPORT).
+
+Each TLS connection lives and dies in one worker: no TLS state is ever shared or moved. The
+supervisor owns what clients see as one daemon: the events endpoint (it republishes the
+workers' events with its own sequence numbers), the control endpoint (answered from the
+connection table it builds from those events, or forwarded to the worker that owns the
+connection), and the workers' lives (restarted when one dies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from tlsbridge.daemon import reload as rl
+from tlsbridge.daemon.channels import ControlServer, EventSink, bind, unlink
+from tlsbridge.daemon.config import Config, ConfigError, load_config
+from tlsbridge.daemon.hub import worker_control_endpoint, worker_events_endpoint
+from tlsbridge.shared import control as ctl
+from tlsbridge.shared import events as ev
+from tlsbridge.shared.events import EventEncoder
+
+log = logging.getLogger("tlsbridge")
+
+FORWARD_TIMEOUT = 5.0
+_COUNTED_HERE = ("events", "tls.failed.", "hairpin.failed.", "conn.closed.", "bytes_")
+RESTART_DELAY = 1.0
+
+
+class Supervisor:
+    def __init__(self, config: Config, workers: int) -> None:
+        self.config = config
+        self.count = workers
+        self.started = time.time()
+        self.src = secrets.token_hex(8)
+        self._encoder = EventEncoder(self.src)
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.table: dict[int, dict[str, Any]] = {}
+        self.by_hairpin: dict[str, int] = {}
+        self._ctx = zmq.asyncio.Context()
+        self._rids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[bytes]] = {}
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._stopping = False
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        os.makedirs(self.config.run_dir, mode=0o750, exist_ok=True)
+        self._events = EventSink.publisher(self.config.events_endpoint, self.config.events_hwm,
+                                           self._dropped)
+        self._pull = self._ctx.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.RCVHWM, 0)  # never push back on a worker's events
+        bind(self._pull, worker_events_endpoint(self.config))
+        self._wctl = self._ctx.socket(zmq.ROUTER)
+        self._wctl.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a dead worker is an error, not a drop
+        self._wctl.setsockopt(zmq.LINGER, 0)
+        bind(self._wctl, worker_control_endpoint(self.config))
+        self._control = ControlServer.router(self._ctx, self.config.control_endpoint,
+                                             self.handle_request)
+        loop = asyncio.get_running_loop()
+        for index in range(self.count):
+            self._spawn(index)
+        self._tasks += [loop.create_task(self._pump_events()),
+                        loop.create_task(self._pump_replies()),
+                        loop.create_task(self._watch_workers()),
+                        loop.create_task(self._check_expiry())]
+        await self._wait_for_workers()
+        self._control.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_quietly()))
+        if self.config.metrics:
+            from tlsbridge.daemon import metrics
+
+            metrics.start(*self.config.metrics, loop, self.metrics_snapshot)
+        self._publish(ev.DAEMON_STARTED, None, pid=os.getpid(), workers=self.count)
+        log.info("supervisor %d started %d workers", os.getpid(), self.count)
+
+    async def _wait_for_workers(self, timeout: float = 30.0) -> None:
+        """Our control endpoint answers only once every worker listens."""
+        end = time.monotonic() + timeout
+        for index in range(self.count):
+            while True:
+                try:
+                    await self._ask(index, "ping", {}, timeout=0.5)
+                    break
+                except ctl.ControlError:
+                    if self._procs[index].poll() is not None or time.monotonic() > end:
+                        raise RuntimeError(f"worker {index} did not start") from None
+
+    def _spawn(self, index: int) -> None:
+        argv = [sys.executable, "-m", "tlsbridge.daemon.cli", "worker", "-c",
+                str(self.config.path), "--index", str(index), "--count", str(self.count)]
+        self._procs[index] = subprocess.Popen(argv)
+        log.info("worker %d: pid %d", index, self._procs[index].pid)
+
+    async def _watch_workers(self) -> None:
+        while True:
+            await asyncio.sleep(RESTART_DELAY)
+            for index, proc in list(self._procs.items()):
+                if proc.poll() is not None and not self._stopping:
+                    log.error("worker %d (pid %d) exited with %s: restarting", index, proc.pid,
+                              proc.returncode)
+                    self.counters["worker_restarts"] += 1
+                    self._forget_worker(index)
+                    self._spawn(index)
+
+    def _forget_worker(self, index: int) -> None:
+        """Its connections died with it: say so, as their worker no longer can."""
+        for conn_id in [i for i in self.table if (i - 1) % self.count == index]:
+            entry = self.table.pop(conn_id)
+            self.by_hairpin.pop(entry["conn"].get("hairpin") or "", None)
+            self._publish(ev.CONN_CLOSED, ev.ConnRef.from_dict(entry["conn"]),
+                          reason="worker_died", bytes_in=0, bytes_out=0, duration=0.0,
+                          keys=entry.get("keys", []))
+
+    async def serve(self) -> None:
+        await self._stop.wait()
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        for proc in self._procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self._procs.values():
+            while proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if proc.poll() is None:
+                proc.kill()
+        await asyncio.sleep(0.1)  # the workers' last events
+        self._publish(ev.DAEMON_STOPPING, None, pid=os.getpid())
+        for task in self._tasks:
+            task.cancel()
+        await self._control.close()
+        for sock in (self._pull, self._wctl):
+            sock.close(linger=0)
+        self._events.close()
+        self._ctx.term()
+        for endpoint in (self.config.events_endpoint, self.config.control_endpoint,
+                         worker_events_endpoint(self.config),
+                         worker_control_endpoint(self.config)):
+            unlink(endpoint)
+
+    # -- events -----------------------------------------------------------------------------
+
+    def _dropped(self) -> None:
+        self.counters["events_dropped"] += 1
+
+    def _publish(self, type_: str, conn: ev.ConnRef | None, **fields: Any) -> None:
+        self.counters[f"events.{type_}"] += 1
+        if type_ in (ev.TLS_FAILED, ev.HAIRPIN_FAILED, ev.CONN_CLOSED):
+            self.counters[f"{type_}.{fields.get('reason')}"] += 1
+        _, frames = self._encoder.encode(type_, conn, **fields)
+        self._events.send(frames)
+
+    async def _pump_events(self) -> None:
+        while True:
+            frames = await self._pull.recv_multipart()
+            try:
+                event = ev.decode_event(frames)
+            except ev.EventError as exc:
+                log.error("bad event from a worker: %s", exc)
+                continue
+            self._track(event)
+            self._publish(event.type, event.conn, **event.fields)
+
+    def _track(self, event: ev.Event) -> None:
+        conn = event.conn
+        if conn is None:
+            return
+        if event.type == ev.TLS_ESTABLISHED:
+            self.table[conn.id] = {"conn": conn.to_dict(), "tls": event.fields.get("tls"),
+                                   "since": event.ts, "keys": []}
+            if conn.hairpin:
+                self.by_hairpin[conn.hairpin] = conn.id
+        elif event.type == ev.OUTBOUND_READY and conn.id in self.table:
+            keys = self.table[conn.id]["keys"]
+            if event.fields.get("key") not in keys:
+                keys.append(event.fields.get("key"))
+        elif event.type == ev.CONN_CLOSED:
+            self.table.pop(conn.id, None)
+            if conn.hairpin and self.by_hairpin.get(conn.hairpin) == conn.id:
+                del self.by_hairpin[conn.hairpin]
+            self.counters["bytes_in_closed"] += int(event.fields.get("bytes_in", 0))
+            self.counters["bytes_out_closed"] += int(event.fields.get("bytes_out", 0))
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """From the events (bytes of open connections count once they close)."""
+        directions = collections.Counter(e["conn"]["direction"] for e in self.table.values())
+        counters = dict(self.counters)
+        return {
+            "counters": counters,
+            "open_in": directions["in"],
+            "open_out": directions["out"],
+            "bytes_in_total": counters.get("bytes_in_closed", 0),
+            "bytes_out_total": counters.get("bytes_out_closed", 0),
+            "certificates": [(e.owner, e.path, e.not_after_ts)
+                             for e in rl.expiring(self.config, float("inf"))],
+        }
+
+    # -- control ----------------------------------------------------------------------------
+
+    def handle_request(self, body: bytes) -> Any:
+        try:
+            req = ctl.decode_request(body)
+        except ctl.ControlError as exc:
+            self.counters["control.errors"] += 1
+            return ctl.encode_error(ctl.peek_id(body), exc.code, exc.message)
+        self.counters[f"control.{req.op}"] += 1
+        if req.op == "ping":
+            return ctl.encode_reply(req.rid, pong=True, pid=os.getpid(), src=self.src,
+                                    uptime=round(time.time() - self.started, 3),
+                                    workers=self.count)
+        if req.op == "lookup":
+            found = self._lookup_local(req.args)
+            if found is not None:
+                return ctl.encode_reply(req.rid, **found)
+        return self._forwarded(req)
+
+    def _lookup_local(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        conn_id = args.get("id")
+        if isinstance(args.get("hairpin"), str):
+            conn_id = self.by_hairpin.get(args["hairpin"])
+        entry = self.table.get(conn_id) if isinstance(conn_id, int) else None
+        if entry is None or entry.get("tls") is None:
+            return None  # not seen yet (or by peer): the workers know
+        return {"conn": entry["conn"], "tls": entry["tls"], "bytes_in": 0, "bytes_out": 0,
+                "age": round(time.time() - entry["since"], 3), "keys": entry["keys"]}
+
+    async def _forwarded(self, req: ctl.Request) -> bytes | None:
+        try:
+            result = await self._dispatch(req)
+        except ctl.ControlError as exc:
+            return ctl.encode_error(req.rid, exc.code, exc.message)
+        return None if req.args.get("noreply") else ctl.encode_reply(req.rid, **result)
+
+    async def _dispatch(self, req: ctl.Request) -> dict[str, Any]:
+        op, args = req.op, dict(req.args)
+        if op == "kill":
+            if not isinstance(args.get("id"), int) or args["id"] < 1:
+                raise ctl.ControlError(ctl.BAD_REQUEST, "kill needs an integer 'id'")
+            return await self._ask((args["id"] - 1) % self.count, op, args)
+        if op == "connect":
+            return await self._ask(self._worker_for_target(args), op, args)
+        replies = await asyncio.gather(*(self._ask(i, op, args) for i in range(self.count)),
+                                       return_exceptions=True)
+        ok = [r for r in replies if isinstance(r, dict)]
+        errors = [r for r in replies if isinstance(r, ctl.ControlError)]
+        if op == "lookup":
+            if ok:
+                return ok[0]
+            raise errors[0] if errors else ctl.ControlError(ctl.NOT_FOUND, "no such connection")
+        if errors:
+            if op == "reload":
+                self._publish(ev.CONFIG_RELOAD_FAILED, None, reason=errors[0].message)
+            raise errors[0]
+        if op == "list":
+            return {"conns": [c for r in ok for c in r.get("conns", [])]}
+        if op == "stats":
+            return self._merge_stats(ok)
+        if op == "reload":
+            await self._reload_own()
+            changes = {k: ok[0].get(k, []) for k in ("changed", "restart_needed")}
+            self._publish(ev.CONFIG_RELOADED, None, **changes)
+            return changes
+        raise ctl.ControlError(ctl.UNSUPPORTED, f"op {op!r} not available")
+
+    def _worker_for_target(self, args: dict[str, Any]) -> int:
+        # One server, one worker: its connections are reused, and each identity (SNI, client
+        # certificate) to it gets a declared source of its own, which only one process can
+        # hand out without clashes.
+        server = f"{args.get('host', '')}:{args.get('port', 5061)}"
+        return zlib.crc32(server.encode()) % self.count
+
+    def _merge_stats(self, replies: list[dict[str, Any]]) -> dict[str, Any]:
+        merged: dict[str, Any] = {"uptime": round(time.time() - self.started, 3),
+                                  "workers": self.count}
+        counters: collections.Counter[str] = collections.Counter(self.counters)
+        for r in replies:
+            for key in ("open", "open_in", "open_out", "bytes_in", "bytes_out"):
+                merged[key] = merged.get(key, 0) + r.get(key, 0)
+            # What the supervisor counts from the events itself is not added twice.
+            counters.update({k: v for k, v in r.get("counters", {}).items()
+                             if not k.startswith(_COUNTED_HERE)})
+        merged["counters"] = dict(counters)
+        return merged
+
+    async def _ask(self, index: int, op: str, args: dict[str, Any],
+                   timeout: float = FORWARD_TIMEOUT) -> dict[str, Any]:
+        rid = next(self._rids)
+        noreply = bool(args.get("noreply"))
+        body = ctl.encode_request(op, rid, **args)
+        try:
+            await self._wctl.send_multipart([f"w{index}".encode(), b"", body],
+                                            flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            raise ctl.ControlError("unavailable", f"worker {index} unreachable: {exc}") from None
+        if noreply:
+            return {}
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = fut
+        try:
+            reply = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise ctl.ControlError("timeout", f"worker {index} did not answer") from None
+        finally:
+            self._waiting.pop(rid, None)
+        result = ctl.decode_reply(reply)
+        for key in ("v", "rid", "ok"):
+            result.pop(key, None)
+        return result
+
+    async def _pump_replies(self) -> None:
+        while True:
+            frames = await self._wctl.recv_multipart()
+            body = frames[-1]
+            fut = self._waiting.get(ctl.peek_id(body))
+            if fut is not None and not fut.done():
+                fut.set_result(body)
+
+    # -- reload and certificates --------------------------------------------------------------
+
+    async def _reload_own(self) -> None:
+        try:
+            self.config = load_config(self.config.path)
+        except ConfigError as exc:  # the workers refused it too
+            log.error("supervisor kept its configuration: %s", exc)
+        self._publish_expiring()
+
+    async def _reload_quietly(self) -> None:
+        req = ctl.Request("reload", 0, {})
+        try:
+            await self._dispatch(req)
+        except ctl.ControlError as exc:
+            log.error("reload failed: %s", exc.message)
+
+    def _publish_expiring(self) -> None:
+        for e in rl.expiring(self.config, self.config.cert_expiry_days):
+            self._publish(ev.CERT_EXPIRING, None, owner=e.owner, path=e.path,
+                          not_after=e.not_after, days_left=e.days_left)
+
+    async def _check_expiry(self) -> None:
+        while True:
+            self._publish_expiring()
+            await asyncio.sleep(12 * 3600)
+
+
+def run_supervised(config: Config, workers: int) -> None:
+    async def main() -> None:
+        sup = Supervisor(config, workers)
+        await sup.start()
+        try:
+            await sup.serve()
+        finally:
+            await sup.shutdown()
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
+
