@@ -1,0 +1,59 @@
+"""Several worker processes: a worker that dies takes only its own connections, which are
+published closed, and is replaced."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import start_stack, stop_stack
+from tests.support.procs import wait_until
+from tests.support.sip import TlsUA
+from tlsbridge.shared.addr import format_addr
+
+pytestmark = [pytest.mark.integration]
+
+
+def worker_pids(log: Path) -> dict[int, int]:
+    return {int(i): int(p) for i, p in re.findall(r"worker (\d+): pid (\d+)", log.read_text())}
+
+
+def test_a_dead_worker_is_replaced(tmp_path: Path, certs: dict[str, Path]) -> None:
+    stack = start_stack(tmp_path, certs, engine="openssl-x2")
+    uas: list[TlsUA] = []
+    try:
+        for _ in range(6):  # SO_REUSEPORT spreads them over both workers
+            ua = TlsUA(*stack.tls_addr, ca=stack.ca)
+            assert ua.request("OPTIONS", f"sip:127.0.0.1:{stack.tls_port}").status == 200
+            uas.append(ua)
+        listed = stack.daemon.request("list")["conns"]
+        by_peer = {c["conn"]["peer"]: c["conn"]["id"] for c in listed}
+        ids = [by_peer[format_addr(*ua.local)] for ua in uas]
+        victim = (ids[0] - 1) % 2
+        pids = worker_pids(stack.daemon.log)
+        os.kill(pids[victim], signal.SIGKILL)
+        for ua, conn_id in zip(uas, ids, strict=True):
+            if (conn_id - 1) % 2 == victim:
+                stack.events.wait_for(lambda e, c=conn_id: e.type == "conn.closed"
+                                      and e.conn.id == c and e.reason == "worker_died")
+            else:  # the other worker's connections carry on
+                assert ua.request("OPTIONS", f"sip:127.0.0.1:{stack.tls_port}").status == 200
+        wait_until(lambda: len(re.findall(r"worker \d+: pid", stack.daemon.log.read_text())) > 2,
+                   10, "the worker to be restarted")
+        time.sleep(1.0)  # the new worker listens
+        for _ in range(4):
+            fresh = TlsUA(*stack.tls_addr, ca=stack.ca)
+            try:
+                assert fresh.request("OPTIONS", f"sip:127.0.0.1:{stack.tls_port}").status == 200
+            finally:
+                fresh.close()
+        assert stack.daemon.request("stats")["counters"]["worker_restarts"] == 1
+    finally:
+        for ua in uas:
+            ua.close()
+        stop_stack(stack)
