@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import ssl
@@ -13,6 +12,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from tlsbridge.shared.addr import is_ip
 from tlsbridge.shared.facts import (
     VERIFY_ERROR_NO_PEER_CERT,
     VERIFY_ERROR_NOT_VERIFIED,
@@ -122,13 +122,6 @@ def cert_info_from_pem_file(path: str | os.PathLike[str]) -> CertInfo:
         raise ValueError(f"{os.fspath(path)}: unparseable certificate: {exc}") from exc
 
 
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
 
 def facts_from_ssl(
     obj: ssl.SSLObject | ssl.SSLSocket,
@@ -152,7 +145,7 @@ def facts_from_ssl(
     if sni is None and not obj.server_side:
         host = obj.server_hostname
         # The ssl module never sends an IP literal as SNI (RFC 6066 forbids it).
-        if host and not _is_ip_literal(host):
+        if host and not is_ip(host):
             sni = host
 
     der = obj.getpeercert(binary_form=True)

@@ -41,6 +41,7 @@ from typing import Any
 
 from tlsbridge.daemon.config import ConfigError, ServerProfile
 from tlsbridge.daemon.engines.base import TlsEngine, TlsError
+from tlsbridge.shared.addr import is_ip
 from tlsbridge.shared.facts import (
     VERIFY_ERROR_NO_PEER_CERT,
     VERIFY_ERROR_NOT_VERIFIED,
@@ -574,13 +575,6 @@ def _verify_peer(lib: ctypes.CDLL, st: _State) -> int:
     return 0 if st.verify == "optional_no_ca" else -1
 
 
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
 
 class GnuTLSEngine(TlsEngine):
     """One GnuTLS session on in-memory transport callbacks."""
@@ -627,7 +621,7 @@ class GnuTLSEngine(TlsEngine):
             # a certificate from another CA, which optional_no_ca exists to accept.
             lib.gnutls_certificate_send_x509_rdn_sequence(s, 1)
         else:
-            if sni is None and server_hostname and not _is_ip_literal(server_hostname):
+            if sni is None and server_hostname and not is_ip(server_hostname):
                 sni = server_hostname
             if sni:
                 raw = sni.encode("idna")

@@ -18,6 +18,7 @@ from OpenSSL import SSL, crypto
 
 from tlsbridge.daemon.config import ConfigError, ServerProfile
 from tlsbridge.daemon.engines.base import READ_CHUNK, TlsEngine, TlsError
+from tlsbridge.shared.addr import is_ip
 from tlsbridge.shared.facts import (
     VERIFY_ERROR_NO_PEER_CERT,
     VERIFY_ERROR_NOT_VERIFIED,
@@ -223,13 +224,6 @@ def client_context(
     return ctx
 
 
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
 
 class PyOpenSSLEngine(TlsEngine):
     """pyOpenSSL's `SSL.Connection(ctx, None)`: OpenSSL on memory BIOs."""
@@ -256,7 +250,7 @@ class PyOpenSSLEngine(TlsEngine):
         if server_side:
             self._conn.set_accept_state()
         else:
-            if sni is None and server_hostname and not _is_ip_literal(server_hostname):
+            if sni is None and server_hostname and not is_ip(server_hostname):
                 sni = server_hostname
             if sni:
                 self._conn.set_tlsext_host_name(sni.encode("idna"))

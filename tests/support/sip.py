@@ -125,10 +125,20 @@ class TlsUA:
         if ciphers:
             ctx.set_ciphers(ciphers)
         raw = socket.create_connection((host, port), timeout=timeout)
-        self.sock = ctx.wrap_socket(raw, server_hostname=server_hostname)
+        self._adopt(ctx.wrap_socket(raw, server_hostname=server_hostname), timeout)
+
+    def _adopt(self, sock: ssl.SSLSocket, timeout: float) -> None:
+        self.sock = sock
         self.framer = StreamFramer()
         self.queue: list[bytes] = []
         self.timeout = timeout
+
+    @classmethod
+    def accepted(cls, sock: ssl.SSLSocket, timeout: float = 5.0) -> TlsUA:
+        """The server end of a TLS connection (a trunk), with the same interface."""
+        ua = cls.__new__(cls)
+        ua._adopt(sock, timeout)
+        return ua
 
     @property
     def local(self) -> tuple[str, int]:

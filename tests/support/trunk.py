@@ -2,47 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import ssl
 import threading
-import time
 from pathlib import Path
 
-from tests.support.sip import SipMessage, StreamFramer, parse_message
+from tests.support.sip import TlsUA
 
 
-class TrunkConn:
-    """One accepted TLS connection, with the interface of tests.support.sip.TlsUA."""
+class TrunkConn(TlsUA):
+    """One accepted TLS connection, and the SNI it asked for."""
 
-    def __init__(self, sock: ssl.SSLSocket, sni: str | None) -> None:
-        self.sock, self.sni = sock, sni
-        self.framer = StreamFramer()
-        self.queue: list[bytes] = []
-
-    @property
-    def local(self) -> tuple[str, int]:
-        return self.sock.getsockname()[:2]
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def read(self, timeout: float = 5.0) -> SipMessage:
-        end = time.monotonic() + timeout
-        while not self.queue:
-            left = end - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no SIP message")
-            self.sock.settimeout(left)
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("connection closed")
-            self.queue.extend(self.framer.feed(data))
-        return parse_message(self.queue.pop(0))
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
+    sni: str | None
 
 
 class TlsTrunk:
@@ -91,7 +62,8 @@ class TlsTrunk:
                 self.app_bytes_before_close.append(0)
             raw.close()
             return
-        conn = TrunkConn(tls, self.seen_sni[-1] if self.seen_sni else None)
+        conn = TrunkConn.accepted(tls)
+        conn.sni = self.seen_sni[-1] if self.seen_sni else None
         with self._cond:
             self.client_subjects.append(tls.getpeercert())
             self.conns.append(conn)
