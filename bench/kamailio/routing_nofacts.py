@@ -1,0 +1,24 @@
+# Bench only (system "tlsbridge-nofacts", a diagnostic): kamailio-cfg/routing.py unchanged,
+# except that OPTIONS is answered 200 without asking the bridge for the connection's TLS facts.
+# Against the "tlsbridge" system it isolates what the facts look-up costs Kamailio and the
+# daemon; the rtimer route still drains the daemon's events as in production.
+
+import importlib.util
+import os
+
+_REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "kamailio-cfg",
+                    "routing.py")
+_spec = importlib.util.spec_from_file_location("tlsbridge_reference_routing", _REF)
+_ref = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_ref)
+
+KSR = _ref.KSR
+
+
+class kamailio(_ref.kamailio):  # the class name app_python3 expects
+    def ksr_route_options(self, msg):
+        KSR.sl.sl_send_reply(200, "OK")
+
+
+def mod_init():
+    return kamailio()

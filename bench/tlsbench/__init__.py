@@ -1,0 +1,1 @@
+"""The tlsbridge benchmark's parts; `bench/run.py` is the entry point."""
