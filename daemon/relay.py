@@ -203,27 +203,32 @@ class Relay(asyncio.Protocol):
         except OSError as exc:
             self._hairpin_failed(f"cannot bind hairpin source: {_os_reason(exc)}")
             return
-        self.hub.index_hairpin(self)
-        # Published before the hairpin opens, so Kamailio can know the facts of its first message.
-        self.hub.publish(ev.TLS_ESTABLISHED, self.ref, tls=self.facts)
         self.state = State.CONNECTING
         asyncio.get_running_loop().create_task(self._open_hairpin(sock))
 
     def _hairpin_socket(self) -> socket.socket:
-        # Binding before connect() gives the hairpin's local address (the correlation key
-        # Kamailio sees as $tcp(c_si):$tcp(c_sp)) before a single byte reaches Kamailio.
         hp = self.config.hairpin
         family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # The port is chosen by connect(), per destination and past TIME_WAIT, not by
+            # bind(): with bind(port 0) a busy daemon ran out of ports at ~8,000 hairpins.
+            sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((hp.source_ip, 0))
-            self.hairpin_key = format_addr(*sock.getsockname()[:2])
         except OSError:
             sock.close()
             raise
         return sock
+
+    def _announce(self, sock: socket.socket) -> None:
+        """The hairpin's local address is the correlation key Kamailio sees as
+        $tcp(c_si):$tcp(c_sp): publish the facts under it before the PROXY header, i.e. before
+        Kamailio (tcp_defer_accept) can see a single message of this connection."""
+        self.hairpin_key = format_addr(*sock.getsockname()[:2])
+        self.hub.index_hairpin(self)
+        self.hub.publish(ev.TLS_ESTABLISHED, self.ref, tls=self.facts)
 
     def _handshake_limit(self) -> float:
         return self.config.handshake_timeout
@@ -253,6 +258,10 @@ class Relay(asyncio.Protocol):
         try:
             async with asyncio.timeout(hp.connect_timeout):
                 await loop.sock_connect(sock, (hp.host, hp.port))
+            if self.state is State.CLOSED:  # killed meanwhile
+                sock.close()
+                return
+            self._announce(sock)
             header = self._proxy_header()
             # Kamailio needs the whole header in its first read, before any payload.
             if sock.send(header) != len(header):
@@ -386,6 +395,9 @@ class InboundRelay(Relay):
     def _proxy_dst(self) -> tuple[str, int]:
         assert self.listener is not None
         return (self.listener.host, self.listener.port)
+
+
+_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
 
 
 def _os_reason(exc: OSError) -> str:
