@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
 import resource
@@ -17,11 +18,13 @@ import zmq
 import zmq.asyncio
 
 from tlsbridge.daemon.channels import ControlServer, EventSink, unlink
+from tlsbridge.daemon.lookup_server import LookupServer
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
 from tlsbridge.shared.addr import is_ip
 from tlsbridge.shared.events import ConnRef, EventEncoder
 from tlsbridge.shared.facts import TlsFacts
+from tlsbridge.shared.settings import lookup_socket_of
 
 if TYPE_CHECKING:
     from tlsbridge.daemon.config import Config
@@ -64,6 +67,7 @@ class Hub:
         self._ctx = zmq.asyncio.Context()
         self._events: EventSink | None = None
         self._control: ControlServer | None = None
+        self._lookup: LookupServer | None = None
         self.connector: Connector | None = None
         self.reloader: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
@@ -83,7 +87,16 @@ class Hub:
             self._control = ControlServer.dealer(self._ctx, worker_control_endpoint(self.config),
                                                  f"w{index}".encode(), self.handle_request)
         if self.worker is None:
+            self._lookup = LookupServer(lookup_socket_of(self.config.run_dir), self.lookup_entry)
+            self._lookup.start()
             self.publish(ev.DAEMON_STARTED, None, pid=os.getpid())
+
+    def lookup_entry(self, hairpin: str) -> bytes | None:
+        """The facts entry of a hairpin, as the KEMI module stores it in htable."""
+        conn = self.by_hairpin.get(hairpin)
+        if conn is None or conn.facts is None:
+            return None
+        return facts_entry(conn.ref.to_dict(), conn.facts.to_dict())
 
     def serve_control(self) -> None:
         """Answer control requests from now on: once this answers, the listeners are up."""
@@ -100,6 +113,8 @@ class Hub:
             await self._control.close()
         if self._events is not None:
             self._events.close()
+        if self._lookup is not None:
+            self._lookup.close()
         self._ctx.term()
         if self.worker is None:
             unlink(self.config.events_endpoint)
@@ -300,6 +315,10 @@ def _describe(conn: Connection) -> dict[str, Any]:
         "age": round(loop.time() - conn.started, 3),
         "keys": sorted(getattr(conn, "keys", ())),
     }
+
+
+def facts_entry(conn: dict[str, Any], tls: dict[str, Any]) -> bytes:
+    return json.dumps({"conn": conn, "tls": tls}, separators=(",", ":")).encode()
 
 
 def worker_events_endpoint(config: Config) -> str:

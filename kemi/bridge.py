@@ -26,6 +26,7 @@ from tlsbridge.shared.addr import format_addr
 from tlsbridge.shared.client import ControlClient
 from tlsbridge.shared.events import ConnRef, Event, SeqTracker, decode_event
 from tlsbridge.shared.facts import TlsFacts
+from tlsbridge.shared.lookup import LookupClient, LookupUnavailable
 from tlsbridge.shared.settings import Trunk, load_settings
 
 DEFAULT_CONFIG = "/etc/tlsbridge/tlsbridge.toml"
@@ -73,6 +74,7 @@ class TlsBridge(RoutingMixin):
         sip_address: str | None = None,
         received_avp: str = "$avp(RECEIVED)",
         trunks: dict[str, Trunk] | None = None,
+        lookup_socket: str | None = None,
     ) -> None:
         settings_trunks: dict[str, Trunk] = {}
         if hairpin is None or control is None or events is None:
@@ -85,7 +87,9 @@ class TlsBridge(RoutingMixin):
             tls_public = tls_public if tls_public is not None else settings.tls_public
             sip_address = sip_address or settings.sip_address
             settings_trunks = settings.trunks
+            lookup_socket = lookup_socket if lookup_socket is not None else settings.lookup_socket
         self.trunks = dict(trunks if trunks is not None else settings_trunks)
+        self.lookup_socket = lookup_socket or ""
         self._outcomes: dict[tuple[int, int], Outcome] = {}
         self._waiting: list[tuple[float, dict[str, Any], Outcome]] = []
         self.tls_public = dict(tls_public or {})
@@ -98,6 +102,7 @@ class TlsBridge(RoutingMixin):
         self.lookup_timeout_ms = lookup_timeout_ms
         self.max_drain = max_drain
         self._client: ControlClient | None = None
+        self._lookup: LookupClient | None = None
         self._cache: OrderedDict[str, BridgeConnection] = OrderedDict()
         self._sub: zmq.Socket | None = None
         self._sub_pid = 0
@@ -113,6 +118,7 @@ class TlsBridge(RoutingMixin):
     def child_init(self, rank: int) -> int:
         """Call from the script's child_init: drops sockets inherited across fork."""
         self._client = None
+        self._lookup = None
         self._sub = None
         self._cache.clear()
         return 0
@@ -169,9 +175,8 @@ class TlsBridge(RoutingMixin):
     def _from_daemon(self, key: str, peer: str) -> BridgeConnection | None:
         self.stats["lookups"] += 1
         try:
-            reply = self.control.request("lookup", timeout_ms=self.lookup_timeout_ms, hairpin=key)
-            found = _parse_entry(reply)
-        except (ctl.ControlError, ValueError, ev.EventError) as exc:
+            found = _parse_entry(self._ask_daemon(key))
+        except (ctl.ControlError, LookupUnavailable, ValueError, ev.EventError) as exc:
             self.stats["lookup_failures"] += 1
             _ksr().err(f"tlsbridge: no TLS facts for hairpin {key} (peer {peer}): {exc}\n")
             return None
@@ -180,6 +185,22 @@ class TlsBridge(RoutingMixin):
             _ksr().err(f"tlsbridge: hairpin {key} belongs to {found.conn.peer}, not {peer}\n")
             return None
         return found
+
+    def _ask_daemon(self, key: str) -> dict[str, Any]:
+        """The fast datagram look-up; the control socket when the daemon has no such socket."""
+        if self.lookup_socket:
+            if self._lookup is None:
+                self._lookup = LookupClient(self.lookup_socket, self.lookup_timeout_ms)
+            try:
+                entry = self._lookup.lookup(key)
+            except LookupUnavailable:
+                if os.path.exists(self.lookup_socket):
+                    raise  # it is there and did not answer in time: do not wait twice
+            else:
+                if entry is None:
+                    raise ValueError("the daemon has no such connection")
+                return entry
+        return self.control.request("lookup", timeout_ms=self.lookup_timeout_ms, hairpin=key)
 
     @property
     def control(self) -> ControlClient:

@@ -34,6 +34,7 @@ class BridgeSettings:
     hairpin: tuple[str, int]
     events_endpoint: str
     control_endpoint: str
+    lookup_socket: str = ""  # the fast facts look-up (shared/lookup.py)
     # listener address -> the address TLS peers know it by (its `advertise`, else itself)
     tls_public: dict[str, str] = field(default_factory=dict)
     # where non-TLS peers reach Kamailio, for Record-Route across transports
@@ -50,6 +51,10 @@ def endpoint_of(raw: dict[str, Any], key: str, run_dir: Path) -> str:
     """The ZeroMQ endpoint `key` ("events"/"control"): configured, or an ipc socket in run_dir."""
     value = raw.get("zmq", {}).get(key, f"ipc://{run_dir}/{key}.sock")
     return str(value).replace("{run_dir}", str(run_dir))
+
+
+def lookup_socket_of(run_dir: Path) -> str:
+    return str(run_dir / "lookup.sock")
 
 
 def load_settings(path: str | Path) -> BridgeSettings:
@@ -70,6 +75,7 @@ def load_settings(path: str | Path) -> BridgeSettings:
         hairpin=hairpin,
         events_endpoint=endpoint_of(raw, "events", run_dir),
         control_endpoint=endpoint_of(raw, "control", run_dir),
+        lookup_socket=lookup_socket_of(run_dir),
         tls_public=tls_public,
         sip_address=format_addr(*parse_addr(sip, default_port=5060)) if sip else None,
         trunks=trunks_of(raw, p),

@@ -29,10 +29,12 @@ import zmq.asyncio
 from tlsbridge.daemon import reload as rl
 from tlsbridge.daemon.channels import ControlServer, EventSink, bind, unlink
 from tlsbridge.daemon.config import Config, ConfigError, load_config
-from tlsbridge.daemon.hub import worker_control_endpoint, worker_events_endpoint
+from tlsbridge.daemon.hub import facts_entry, worker_control_endpoint, worker_events_endpoint
+from tlsbridge.daemon.lookup_server import LookupServer
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
 from tlsbridge.shared.events import EventEncoder
+from tlsbridge.shared.settings import lookup_socket_of
 
 log = logging.getLogger("tlsbridge")
 
@@ -74,6 +76,7 @@ class Supervisor:
         bind(self._wctl, worker_control_endpoint(self.config))
         self._control = ControlServer.router(self._ctx, self.config.control_endpoint,
                                              self.handle_request)
+        self._lookup = LookupServer(lookup_socket_of(self.config.run_dir), self.lookup_entry)
         loop = asyncio.get_running_loop()
         for index in range(self.count):
             self._spawn(index)
@@ -83,6 +86,7 @@ class Supervisor:
                         loop.create_task(self._check_expiry())]
         await self._wait_for_workers()
         self._control.start()
+        self._lookup.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_quietly()))
@@ -150,6 +154,7 @@ class Supervisor:
         for task in self._tasks:
             task.cancel()
         await self._control.close()
+        self._lookup.close()
         for sock in (self._pull, self._wctl):
             sock.close(linger=0)
         self._events.close()
@@ -234,6 +239,20 @@ class Supervisor:
             if found is not None:
                 return ctl.encode_reply(req.rid, **found)
         return self._forwarded(req)
+
+    def lookup_entry(self, hairpin: str) -> Any:
+        conn_id = self.by_hairpin.get(hairpin)
+        entry = self.table.get(conn_id) if conn_id is not None else None
+        if entry is not None and entry.get("tls") is not None:
+            return facts_entry(entry["conn"], entry["tls"])
+        return self._lookup_in_workers(hairpin)  # its event is still on the way
+
+    async def _lookup_in_workers(self, hairpin: str) -> bytes | None:
+        try:
+            found = await self._dispatch(ctl.Request("lookup", 0, {"hairpin": hairpin}))
+        except ctl.ControlError:
+            return None
+        return facts_entry(found["conn"], found["tls"])
 
     def _lookup_local(self, args: dict[str, Any]) -> dict[str, Any] | None:
         conn_id = args.get("id")
