@@ -75,6 +75,7 @@ class TlsBridge(RoutingMixin):
         received_avp: str = "$avp(RECEIVED)",
         trunks: dict[str, Trunk] | None = None,
         lookup_socket: str | None = None,
+        facts_in_htable: bool = False,
     ) -> None:
         settings_trunks: dict[str, Trunk] = {}
         if hairpin is None or control is None or events is None:
@@ -90,6 +91,10 @@ class TlsBridge(RoutingMixin):
             lookup_socket = lookup_socket if lookup_socket is not None else settings.lookup_socket
         self.trunks = dict(trunks if trunks is not None else settings_trunks)
         self.lookup_socket = lookup_socket or ""
+        # Off: each worker asks the daemon once per connection (one datagram each way) and
+        # caches by $conid. On: the rtimer process also copies every connection's facts into
+        # htable, which costs Kamailio ~0.1 ms per connection whether or not they are used.
+        self.facts_in_htable = facts_in_htable
         self._outcomes: dict[tuple[int, int], Outcome] = {}
         self._waiting: list[tuple[float, dict[str, Any], Outcome]] = []
         self.tls_public = dict(tls_public or {})
@@ -145,7 +150,8 @@ class TlsBridge(RoutingMixin):
             return found
         key = format_addr(str(pv.get("$tcp(c_si)")), int(pv.get("$tcp(c_sp)")))
         peer = format_addr(str(pv.get("$si")), int(pv.get("$sp")))
-        found = self._from_htable(key, peer) or self._from_daemon(key, peer)
+        found = (self.facts_in_htable and self._from_htable(key, peer)) or \
+            self._from_daemon(key, peer)
         if found is not None:
             self._cache[conid] = found
             if len(self._cache) > _CACHE_SIZE:
@@ -272,7 +278,7 @@ class TlsBridge(RoutingMixin):
 
     def _remember(self, conn: dict[str, Any], tls: Any, keys: Any = ()) -> None:
         sht = _ksr().htable
-        if conn.get("hairpin") and tls:
+        if self.facts_in_htable and conn.get("hairpin") and tls:
             entry = json.dumps({"conn": conn, "tls": tls}, separators=(",", ":"))
             sht.sht_sets(self.htable, conn["hairpin"], entry)
         sht.sht_sets(self.htable, f"p:{conn['peer']}", str(conn["id"]))
@@ -283,7 +289,7 @@ class TlsBridge(RoutingMixin):
     def _forget(self, conn: ConnRef, keys: Any) -> None:
         # Only entries still naming this connection: ports and addresses get reused.
         sht = _ksr().htable
-        if conn.hairpin:
+        if self.facts_in_htable and conn.hairpin:
             raw = sht.sht_get(self.htable, conn.hairpin)
             if raw and json.loads(raw).get("conn", {}).get("id") == conn.id:
                 sht.sht_rm(self.htable, conn.hairpin)

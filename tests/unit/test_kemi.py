@@ -272,6 +272,7 @@ def make_bridge(
         kw.setdefault("control", daemon.endpoint)
         kw.setdefault("events", publisher.endpoint)
         kw.setdefault("lookup_timeout_ms", TIMEOUT_MS)
+        kw.setdefault("facts_in_htable", True)  # most tests here are about that path
         bridge = TlsBridge(hairpin=HAIRPIN, **kw)
         made.append(bridge)
         return bridge
@@ -796,3 +797,16 @@ def test_max_drain_bounds_one_run(make_bridge: Callable[..., TlsBridge],
         bridge.drain_events()
         runs.append(bridge.stats["events"] - before)
     assert max(runs) == 3 and sum(runs) == 7, runs
+
+
+def test_without_facts_in_htable_the_daemon_is_asked_once_per_connection(
+    ksr: testing.FakeKSR, make_bridge: Callable[..., TlsBridge], daemon: FakeDaemon
+) -> None:
+    bridge = make_bridge(facts_in_htable=False)
+    ref = conn(7)
+    put_htable(ksr, ref, facts(sni="stale.example.com"))  # never read in this mode
+    daemon.add(ref, facts())
+    over_hairpin(ksr, ref, conid=70)
+    assert bridge.tls() == facts()
+    assert bridge.tls() == facts()
+    assert bridge.stats["htable_hits"] == 0 and daemon.ops() == ["lookup"]
