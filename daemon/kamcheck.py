@@ -48,6 +48,10 @@ def check_cfg(text: str, config: Config) -> list[Finding]:
             continue
         level = "ok" if got in (value, "1" if value == "yes" else "0") else "error"
         out.append((level, f"{name} = {got!r} (the bridge needs {value})"))
+    no_connect = setting("tcp_no_connect")
+    out.append(("ok" if no_connect in ("yes", "1") else "warning",
+                f"tcp_no_connect = {no_connect!r}: with yes, a reply to a TLS peer whose "
+                "connection is gone can never leave in plaintext"))
     defer = setting("tcp_defer_accept")
     out.append(("ok" if defer not in (None, "0", "no") else "warning",
                 f"tcp_defer_accept = {defer!r}: without it one silent connection stalls new ones"))

@@ -48,6 +48,7 @@ class kamailio:
     # -- SIP requests -----------------------------------------------------------------------
 
     def ksr_request_route(self, msg):
+        bridge.protect_replies()
         if self.ksr_route_reqinit(msg) == -255:
             return 1
 

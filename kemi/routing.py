@@ -63,6 +63,13 @@ class RoutingMixin:
 
     # -- request route ----------------------------------------------------------------------
 
+    def protect_replies(self) -> None:
+        """First thing in the request route: replies to a request from the bridge go back
+        over its hairpin or nowhere; with the hairpin gone Kamailio would otherwise connect to
+        the TLS peer's address in plaintext to send them."""
+        if self.from_bridge():
+            _ksr().set_reply_no_connect()
+
     def prepare_register(self) -> None:
         """Before `registrar.save()`: a REGISTER from the bridge is reached back over its
         hairpin, whatever its Contact says (needs registrar's `received_avp` modparam)."""

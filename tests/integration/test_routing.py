@@ -164,12 +164,15 @@ def test_tls_ua_gone_fails_cleanly_and_never_in_plaintext(stack: Stack, ua_facto
     # A plaintext listener on the TLS UA's address: Kamailio must never connect to it.
     trap = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     trap.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    for _ in range(50):  # until the old connection has left FIN_WAIT
+    for _ in range(100):  # until the old connection has left FIN_WAIT
         try:
             trap.bind((host, port))
             break
         except OSError:
             time.sleep(0.1)
+    else:
+        trap.close()
+        pytest.fail(f"could not bind the trap on {host}:{port}: the test would prove nothing")
     trap.listen(8)
     trap.settimeout(0.5)
     try:

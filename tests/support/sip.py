@@ -124,7 +124,16 @@ class TlsUA:
             ctx.minimum_version = ctx.maximum_version = tls_version
         if ciphers:
             ctx.set_ciphers(ciphers)
-        raw = socket.create_connection((host, port), timeout=timeout)
+        # SO_REUSEADDR so that a test can listen on this address once it is closed (the
+        # TIME_WAIT left behind only yields to sockets that both asked for reuse).
+        raw = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        raw.settimeout(timeout)
+        try:
+            raw.connect((host, port))
+        except OSError:
+            raw.close()
+            raise
         self._adopt(ctx.wrap_socket(raw, server_hostname=server_hostname), timeout)
 
     def _adopt(self, sock: ssl.SSLSocket, timeout: float) -> None:
