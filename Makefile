@@ -10,12 +10,13 @@ CFG      := $(ROOT)/kamailio-cfg
 APT_PKGS := kamailio kamailio-python3-modules python3-venv openssl gnutls-bin
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv certs up down status test lint bench clean
+.PHONY: help deps venv certs up down status test test-long lint bench clean
 
 help:
 	@echo "make up     start Kamailio and the tlsbridge daemon (TLS on 127.0.0.1:5061)"
 	@echo "make down   stop what 'make up' started"
 	@echo "make test   run the whole test suite (unit and integration)"
+	@echo "make test-long  the long load and soak tests (1,000 connections, 10 min churn)"
 	@echo "make lint   ruff"
 	@echo "make bench  benchmark against HAProxy+Kamailio and Kamailio's own TLS (bench/README.md)"
 
@@ -88,6 +89,9 @@ test: venv
 
 bench: venv
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+test-long: venv
+	$(VENV)/bin/pytest -m long tests/faults tests/security $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

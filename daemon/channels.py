@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -89,6 +90,8 @@ class ControlServer:
         self.sock = sock
         self.handler = handler
         self._task: asyncio.Task[None] | None = None
+        self._asked: dict[int, asyncio.Future[bytes]] = {}
+        self._rids = itertools.count(1)
 
     @classmethod
     def router(cls, ctx: zmq.asyncio.Context, endpoint: str, handler: Handler) -> ControlServer:
@@ -116,7 +119,26 @@ class ControlServer:
             if not frames:
                 continue
             envelope, body = frames[:-1], frames[-1]
+            asked = self._asked.pop(ctl.peek_id(body), None) if ctl.is_reply(body) else None
+            if asked is not None:
+                if not asked.done():
+                    asked.set_result(body)
+                continue
             asyncio.get_running_loop().create_task(self._answer(envelope, body))
+
+    async def ask(self, op: str, timeout: float, **args: Any) -> dict[str, Any]:
+        """A request the other way (a worker asking its supervisor over the same DEALER)."""
+        rid = next(self._rids)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._asked[rid] = fut
+        try:
+            await self.sock.send_multipart([b"", ctl.encode_request(op, rid, **args)],
+                                           flags=zmq.NOBLOCK)
+            return ctl.decode_reply(await asyncio.wait_for(fut, timeout))
+        except (zmq.ZMQError, TimeoutError) as exc:
+            raise ctl.ControlError("unavailable", f"no answer to {op}: {exc!r}") from None
+        finally:
+            self._asked.pop(rid, None)
 
     async def _answer(self, envelope: list[bytes], body: bytes) -> None:
         try:

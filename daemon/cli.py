@@ -38,6 +38,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from tlsbridge.daemon import keylog
+
+    keylog.configure(config.keylog_file)
     if config.workers > 1:
         from tlsbridge.daemon.supervisors.multiprocess import run_supervised
 
@@ -56,8 +59,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         format=f"%(asctime)s %(levelname)s %(name)s[w{args.index}]: %(message)s",
         stream=sys.stderr,
     )
+    from tlsbridge.daemon import keylog
     from tlsbridge.daemon.server import run
 
+    keylog.configure(config.keylog_file)
     run(config, (args.index, args.count))
     return 0
 

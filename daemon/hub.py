@@ -12,11 +12,13 @@ import resource
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 import zmq.asyncio
 
+from tlsbridge.daemon.admission import Admission
 from tlsbridge.daemon.channels import ControlServer, EventSink, unlink
 from tlsbridge.daemon.lookup_server import LookupServer
 from tlsbridge.shared import control as ctl
@@ -62,8 +64,8 @@ class Hub:
         self.conns: dict[int, Connection] = {}
         self.by_hairpin: dict[str, Connection] = {}
         self.counters: collections.Counter[str] = collections.Counter()
-        self.per_ip: collections.Counter[str] = collections.Counter()
-        self.max_connections = effective_max_connections(config.max_connections)
+        self.admission = Admission(effective_max_connections(config.max_connections),
+                                   config.max_per_ip)
         self._ctx = zmq.asyncio.Context()
         self._events: EventSink | None = None
         self._control: ControlServer | None = None
@@ -74,7 +76,7 @@ class Hub:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        os.makedirs(self.config.run_dir, mode=0o750, exist_ok=True)
+        private_run_dir(self.config.run_dir)
         hwm = self.config.events_hwm
         if self.worker is None:
             self._events = EventSink.publisher(self.config.events_endpoint, hwm, self._dropped)
@@ -129,20 +131,37 @@ class Hub:
         index, count = self.worker
         return (self._ids - 1) * count + index + 1  # worker = (id - 1) % count
 
+    @property
+    def admits_remotely(self) -> bool:
+        """Limits across workers are counted by the supervisor, which a worker must ask."""
+        return self.worker is not None and bool(
+            self.config.max_connections or self.config.max_per_ip)
+
     def admit(self, ip: str) -> str | None:
-        """Why a new inbound connection from `ip` is refused, or None (limits)."""
-        if len(self.conns) >= self.max_connections:
-            self.counters["refused.too_many_connections"] += 1
-            return "too_many_connections"
-        limit = self.config.max_per_ip
-        if limit and self.per_ip[ip] >= limit:
-            self.counters["refused.too_many_from_ip"] += 1
-            return "too_many_from_ip"
-        return None
+        """Why a new inbound connection from `ip` is refused, or None (and counted)."""
+        refusal = self.admission.admit(ip)
+        if refusal:
+            self.counters[f"refused.{refusal}"] += 1
+        return refusal
+
+    async def admit_remotely(self, ip: str) -> str | None:
+        assert self._control is not None
+        try:
+            reply = await self._control.ask("admit", timeout=2.0, ip=ip)
+        except ctl.ControlError as exc:
+            log.error("admission: the supervisor did not answer (%s); admitting %s", exc, ip)
+            return None
+        refusal = reply.get("refused")
+        if refusal:
+            self.counters[f"refused.{refusal}"] += 1
+        return refusal
+
+    def release(self, ip: str) -> None:
+        if not self.admits_remotely:  # the supervisor releases on conn.closed
+            self.admission.release(ip)
 
     def register(self, conn: Connection) -> None:
         self.conns[conn.id] = conn
-        self.per_ip[conn.ref.peer.rpartition(":")[0].strip("[]")] += 1
         self.counters["accepted"] += 1
 
     def index_hairpin(self, conn: Connection) -> None:
@@ -153,10 +172,6 @@ class Hub:
         if self.conns.pop(conn.id, None) is not None:
             self.counters["bytes_in_closed"] += conn.bytes_in
             self.counters["bytes_out_closed"] += conn.bytes_out
-            ip = conn.ref.peer.rpartition(":")[0].strip("[]")
-            self.per_ip[ip] -= 1
-            if self.per_ip[ip] <= 0:
-                del self.per_ip[ip]
         if conn.hairpin_key and self.by_hairpin.get(conn.hairpin_key) is conn:
             del self.by_hairpin[conn.hairpin_key]
 
@@ -226,7 +241,7 @@ class Hub:
         if len(keys) != 1:
             raise ctl.ControlError(ctl.BAD_REQUEST, "lookup takes exactly one of id, hairpin, peer")
         (key, value), = keys.items()
-        if not isinstance(value, int if key == "id" else str):
+        if type(value) is not (int if key == "id" else str):  # True is an int, not an id
             raise ctl.ControlError(ctl.BAD_REQUEST, f"lookup: bad {key} {value!r}")
         conn = self.find(**{key: value})
         if conn is None or conn.facts is None:
@@ -238,7 +253,7 @@ class Hub:
 
     def _op_kill(self, args: dict[str, Any]) -> dict[str, Any]:
         conn_id = args.get("id")
-        if not isinstance(conn_id, int):
+        if type(conn_id) is not int:  # True is an int, not an id
             raise ctl.ControlError(ctl.BAD_REQUEST, "kill needs an integer 'id'")
         conn = self.conns.get(conn_id)
         if conn is None:
@@ -315,6 +330,20 @@ def _describe(conn: Connection) -> dict[str, Any]:
         "age": round(loop.time() - conn.started, 3),
         "keys": sorted(getattr(conn, "keys", ())),
     }
+
+
+def private_run_dir(path: Path) -> None:
+    """The run directory guards the control socket: whoever can write there can kill
+    connections. Create it 0750, or tighten one that others may write to."""
+    os.makedirs(path, mode=0o750, exist_ok=True)
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o027:
+        try:
+            os.chmod(path, mode & ~0o027)
+        except OSError as exc:
+            raise OSError(f"run directory {path} is open to others (mode {mode:o}) "
+                          f"and cannot be tightened: {exc.strerror}") from None
+        log.warning("run directory %s was mode %o: tightened to %o", path, mode, mode & ~0o027)
 
 
 def facts_entry(conn: dict[str, Any], tls: dict[str, Any]) -> bytes:

@@ -17,11 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tlsbridge.daemon.certinfo import cert_info_from_pem_file
 from tlsbridge.daemon.config import ConfigError
 from tlsbridge.daemon.engines.base import TlsEngine
 from tlsbridge.daemon.engines.openssl import OpenSSLEngine
-from tlsbridge.daemon.engines.registry import client_engine
+from tlsbridge.daemon.engines.registry import client_engine, usable_certificate
 from tlsbridge.daemon.relay import Relay, State, _os_reason
 from tlsbridge.daemon.tls_context import client_context
 from tlsbridge.shared import events as ev
@@ -177,8 +176,8 @@ class Connector:
         """Every client profile's context (openssl) or a trial engine (others): a broken
         profile refuses start-up or reload. Raises ConfigError."""
         contexts: dict[str, ssl.SSLContext] = {}
-        local = {name: cert_info_from_pem_file(p.certificate) if p.certificate else None
-                 for name, p in config.clients.items()}
+        local = {name: usable_certificate(f"client profile '{name}'", p.certificate)
+                 if p.certificate else None for name, p in config.clients.items()}
         for name, profile in config.clients.items():
             if profile.engine == "openssl":
                 contexts[name] = client_context(profile)
@@ -186,7 +185,8 @@ class Connector:
             try:
                 client_engine(profile.engine, ca_file=profile.ca_list, cert=profile.certificate,
                               key=profile.private_key, verify=profile.verify_server,
-                              server_hostname="localhost")
+                              server_hostname="localhost",
+                              password=profile.private_key_password)
             except ValueError as exc:
                 raise ConfigError(f"client profile '{name}': {exc}") from None
         return contexts, local
@@ -257,6 +257,7 @@ class Connector:
                 client_engine, profile.engine, ca_file=profile.ca_list,
                 cert=profile.certificate, key=profile.private_key,
                 verify=profile.verify_server, server_hostname=name,
+                password=profile.private_key_password,
             )
         ctx = self._contexts[target.profile]
         local = self._local.get(target.profile)

@@ -85,6 +85,7 @@ class Relay(asyncio.Protocol):
         self._tls_done = False
         self._hairpin_done = False
         self._timer: asyncio.TimerHandle | None = None
+        self._held: list[bytes | None] | None = None
 
     # -- the reference events and look-ups carry -------------------------------------------
 
@@ -109,10 +110,7 @@ class Relay(asyncio.Protocol):
         transport.set_write_buffer_limits(high=self.config.max_buffer)
         refusal = self._admit()
         if refusal is not None:
-            self.state = State.CLOSED
-            self.hub.publish(ev.TLS_FAILED, self.ref, reason=refusal,
-                             detail=f"limit reached; refused {self.peer[0]}")
-            transport.abort()
+            self._refuse(refusal)
             return
         try:
             self.engine = self._engine_factory()
@@ -128,10 +126,16 @@ class Relay(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.state is State.CLOSED:
             return
+        if self._held is not None:  # not admitted yet: keep it, do not touch it
+            self._held.append(data)
+            return
         self.engine.receive(data)
         self._pump_tls()
 
     def eof_received(self) -> bool:
+        if self._held is not None:
+            self._held.append(None)  # in its place, after the data held before it
+            return True
         if self.state is not State.CLOSED:
             self.engine.receive_eof()
             self._pump_tls()
@@ -236,6 +240,17 @@ class Relay(asyncio.Protocol):
     def _admit(self) -> str | None:
         """Why this connection is refused, or None."""
         return None
+
+    def _refuse(self, reason: str) -> None:
+        """Closed at once, before any TLS: one tls.failed, no conn.closed (never admitted)."""
+        self.state = State.CLOSED
+        if self._timer:
+            self._timer.cancel()
+        self.hub.unregister(self)
+        self.hub.publish(ev.TLS_FAILED, self.ref, reason=reason,
+                         detail=f"limit reached; refused {self.peer[0]}")
+        if self._tls is not None:
+            self._tls.abort()
 
     def _proxy_dst(self) -> tuple[str, int]:
         """The PROXY header's destination: where the TLS peer reached us."""
@@ -390,7 +405,35 @@ class InboundRelay(Relay):
     """A TLS peer that reached one of our listeners."""
 
     def _admit(self) -> str | None:
+        if self.hub.admits_remotely:
+            # Nothing is processed until the supervisor, which counts for all workers, says
+            # yes. (uvloop starts reading after connection_made whatever it was told there.)
+            self._held = []
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self.pause_tls_reading, "admission")
+            self._admission = loop.create_task(self._admit_remotely())
+            return None
         return self.hub.admit(self.peer[0])
+
+    async def _admit_remotely(self) -> None:
+        refusal = await self.hub.admit_remotely(self.peer[0])
+        if self.state is State.CLOSED:
+            return
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        held, self._held = self._held or [], None
+        self.resume_tls_reading("admission")
+        for data in held:
+            if data is None:  # the peer's FIN came meanwhile
+                self.eof_received()
+            else:
+                self.data_received(data)
+
+    def _close(self, reason: str, *, detail: str = "") -> None:
+        if self.state is not State.CLOSED:
+            self.hub.release(self.peer[0])
+        super()._close(reason, detail=detail)
 
     def _proxy_dst(self) -> tuple[str, int]:
         assert self.listener is not None

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 from tlsbridge.daemon import reload as rl
-from tlsbridge.daemon import tls_context
 from tlsbridge.daemon.config import Config, ConfigError, Listener, load_config
 from tlsbridge.daemon.engines.base import TlsEngine
 from tlsbridge.daemon.engines.registry import listener_engine_factory
@@ -27,10 +26,6 @@ EXPIRY_CHECK_INTERVAL = 12 * 3600
 
 def build_factories(config: Config) -> dict[str, Callable[[], TlsEngine]]:
     """Every listener's engine factory; raises ConfigError before anything is swapped."""
-    tls_context.KEYLOG_FILE = str(config.keylog_file) if config.keylog_file else None
-    if config.keylog_file:
-        log.warning("TLS key logging to %s is on: anyone reading it can decrypt traffic",
-                    config.keylog_file)
     out = {}
     for lst in config.listeners:
         profile = config.profiles[lst.profile]

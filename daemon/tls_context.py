@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import ssl
-import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from tlsbridge.daemon.certinfo import cert_info_from_pem_file
+from tlsbridge.daemon import keylog
 from tlsbridge.daemon.config import ClientProfile, ConfigError, ServerProfile
 from tlsbridge.daemon.sni import SniTable
-
-# Set by the server from [daemon] keylog_file: key logging is off unless asked for.
-KEYLOG_FILE: str | None = None
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 _VERIFY = {"off": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "on": ssl.CERT_REQUIRED}
@@ -19,8 +16,8 @@ _VERIFY = {"off": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "on": ssl.CERT_R
 
 def _base(where: str, profile: ServerProfile | ClientProfile, protocol: int) -> ssl.SSLContext:
     ctx = ssl.SSLContext(protocol)
-    if KEYLOG_FILE:
-        ctx.keylog_filename = KEYLOG_FILE
+    if keylog.path():
+        ctx.keylog_filename = keylog.path()
     ctx.minimum_version = _VERSIONS[profile.min_version]
     ctx.maximum_version = _VERSIONS[profile.max_version]
     # Renegotiation is a DoS vector and SIP has no use for it.
@@ -37,27 +34,32 @@ def _base(where: str, profile: ServerProfile | ClientProfile, protocol: int) -> 
 
 
 def _identity(where: str, ctx: ssl.SSLContext, profile: ServerProfile | ClientProfile) -> None:
+    from tlsbridge.daemon.engines.registry import usable_certificate
+
     assert profile.certificate is not None
-    try:
-        info = cert_info_from_pem_file(profile.certificate)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{where}: certificate {profile.certificate}: {exc}") from None
-    if info.not_after_ts < time.time():
-        raise ConfigError(f"{where}: certificate {profile.certificate} expired on "
-                          f"{info.not_after}")
+    usable_certificate(where, profile.certificate)
     try:
         ctx.load_cert_chain(str(profile.certificate), str(profile.private_key),
-                            password=profile.private_key_password)
+                            password=profile.private_key_password or "")
     except ssl.SSLError as exc:
         reason = exc.reason or str(exc)
-        if "BAD_DECRYPT" in reason.upper() or "PASSWORD" in reason.upper():
-            reason = "wrong password for the private key"
+        if _encrypted(profile.private_key):
+            reason = ("the private key is encrypted: set private_key_password"
+                      if profile.private_key_password is None
+                      else "wrong password for the encrypted private key")
         raise ConfigError(
             f"{where}: certificate {profile.certificate} and key {profile.private_key} "
             f"cannot be used: {reason}"
         ) from None
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read certificate or key: {exc}") from None
+
+
+def _encrypted(key: object) -> bool:
+    try:
+        return b"ENCRYPTED" in Path(str(key)).read_bytes()[:4096]
+    except OSError:
+        return False
 
 
 def _trust(where: str, ctx: ssl.SSLContext, profile: ServerProfile | ClientProfile) -> None:

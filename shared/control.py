@@ -17,7 +17,8 @@ import msgpack
 CONTROL_VERSION = 1
 MAX_REQUEST_BYTES = 64 * 1024
 
-OPS = frozenset({"ping", "lookup", "list", "stats", "kill", "connect", "reload"})
+# "admit" is between a supervisor and its workers only.
+OPS = frozenset({"ping", "lookup", "list", "stats", "kill", "connect", "reload", "admit"})
 
 # error codes
 BAD_REQUEST = "bad_request"
@@ -94,6 +95,15 @@ def peek_id(data: bytes) -> int:
     except Exception:
         return 0
     return rid if isinstance(rid, int) else 0
+
+
+def is_reply(data: bytes) -> bool:
+    """A reply map (it has `ok`), as opposed to a request (it has `op`)."""
+    try:
+        body = msgpack.unpackb(data, raw=False)
+    except Exception:
+        return False
+    return isinstance(body, dict) and "ok" in body and "op" not in body
 
 
 def decode_reply(data: bytes) -> dict[str, Any]:

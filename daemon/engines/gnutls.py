@@ -353,10 +353,13 @@ class GnuTLSContext:
             *(_Datum(ctypes.cast(b, c_void_p), len(b)) for b in self._alpn_bufs)
         )
 
-    def load_key_pair(self, cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> None:
-        """Our certificate chain and key (PEM); raises ValueError with GnuTLS's reason."""
+    def load_key_pair(self, cert: str | os.PathLike[str], key: str | os.PathLike[str],
+                      password: str | None = None) -> None:
+        """Our certificate chain and key (PEM, encrypted with `password`); raises ValueError
+        with GnuTLS's reason."""
         rc = _need_lib().gnutls_certificate_set_x509_key_file2(
-            self._cred, os.fsencode(cert), os.fsencode(key), _X509_FMT_PEM, None, 0
+            self._cred, os.fsencode(cert), os.fsencode(key), _X509_FMT_PEM,
+            password.encode() if password is not None else None, 0
         )
         if rc < 0:
             raise ValueError(_strerror(rc))
@@ -422,7 +425,8 @@ def server_context(profile: ServerProfile) -> GnuTLSContext:
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     try:
-        ctx.load_key_pair(profile.certificate, profile.private_key)
+        ctx.load_key_pair(profile.certificate, profile.private_key,
+                          profile.private_key_password)
     except ValueError as exc:
         raise ConfigError(
             f"{where}: certificate {profile.certificate} and key {profile.private_key} "
@@ -447,6 +451,7 @@ def client_context(
     key: str | os.PathLike[str] | None = None,
     verify: bool = True,
     alpn: Sequence[str] = (),
+    password: str | None = None,
 ) -> GnuTLSContext:
     """A client context; `ca_file` None trusts the system's CAs. Raises ValueError."""
     from tlsbridge.daemon.certinfo import cert_info_from_pem_file
@@ -459,7 +464,7 @@ def client_context(
     )
     if cert is not None:
         try:
-            ctx.load_key_pair(cert, key if key is not None else cert)
+            ctx.load_key_pair(cert, key if key is not None else cert, password)
             ctx.local_cert = cert_info_from_pem_file(cert)
         except (OSError, ValueError) as exc:
             raise ValueError(f"client certificate {cert} or key {key} unusable: {exc}") from None
@@ -725,11 +730,13 @@ class GnuTLSEngine(TlsEngine):
             elif n == _E_REHANDSHAKE:
                 lib.gnutls_alert_send(session, _AL_WARNING, _A_NO_RENEGOTIATION)
             elif self._st.callback_error:
-                raise TlsError("tls_error", self._st.callback_error)
+                raise self._broken(TlsError("tls_error", self._st.callback_error))
             elif n == _E_FATAL_ALERT_RECEIVED:
-                raise TlsError("tls_error", self._alert_text())
+                raise self._broken(TlsError("tls_error", self._alert_text()))
             elif lib.gnutls_error_is_fatal(n) or nonfatal >= _MAX_NONFATAL:
-                raise TlsError("tls_error", _strerror(n))
+                # The peer learns why with a fatal alert, not a clean close_notify.
+                lib.gnutls_alert_send_appropriate(session, n)
+                raise self._broken(TlsError("tls_error", _strerror(n)))
             else:
                 nonfatal += 1  # a warning alert: carry on
         return b"".join(chunks)
@@ -750,8 +757,12 @@ class GnuTLSEngine(TlsEngine):
             else:
                 raise TlsError("tls_error", self._st.callback_error or _strerror(n))
 
+    def _broken(self, error: TlsError) -> TlsError:
+        self._failure = error
+        return error
+
     def close(self) -> None:
-        if self._session is not None and self.handshake_done:
+        if self._session is not None and self.handshake_done and self._failure is None:
             # SHUT_WR: queue our close_notify without waiting for the peer's.
             _need_lib().gnutls_bye(self._session, _SHUT_WR)
 

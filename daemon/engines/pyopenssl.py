@@ -10,12 +10,14 @@ import contextlib
 import ipaddress
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 from OpenSSL import SSL, crypto
 
+from tlsbridge.daemon import keylog
 from tlsbridge.daemon.config import ConfigError, ServerProfile
 from tlsbridge.daemon.engines.base import READ_CHUNK, TlsEngine, TlsError
 from tlsbridge.shared.addr import is_ip
@@ -58,7 +60,9 @@ class _ConnState:
         self.rejected = False  # the verify callback failed the handshake
 
 
-def _reasons(exc: SSL.Error) -> str:
+def _reasons(exc: Exception) -> str:
+    if not isinstance(exc, SSL.Error):
+        return str(exc)
     errors = exc.args[0] if exc.args else None
     if isinstance(errors, list) and errors:
         return "; ".join(str(e[-1]) for e in errors if isinstance(e, tuple) and e[-1])
@@ -147,6 +151,27 @@ def _select_alpn(
     return select
 
 
+def _keylog(ctx: SSL.Context) -> None:
+    if keylog.path():
+        ctx.set_keylog_callback(lambda _conn, line: keylog.append(line))
+
+
+def _load_key(ctx: SSL.Context, path: str | os.PathLike[str], password: str | None) -> None:
+    """Decrypted by cryptography (OpenSSL alone would prompt on the terminal for a passphrase
+    of an encrypted key); raises ValueError saying what is wrong."""
+    data = Path(path).read_bytes()
+    try:
+        key = load_pem_private_key(data, password.encode() if password else None)
+    except TypeError:
+        raise ValueError("the private key is encrypted: set private_key_password"
+                         if not password else "the private key is not encrypted, yet a "
+                         "password is set") from None
+    except ValueError:
+        raise ValueError("wrong password for the encrypted private key, or not a PEM key"
+                         ) from None
+    ctx.use_privatekey(key)  # type: ignore[arg-type]
+
+
 def server_context(profile: ServerProfile) -> SSL.Context:
     """A server context for `profile`; raises ConfigError naming the profile and the file."""
     where = f"profile '{profile.name}'"
@@ -160,9 +185,9 @@ def server_context(profile: ServerProfile) -> SSL.Context:
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     try:
         ctx.use_certificate_chain_file(str(profile.certificate))
-        ctx.use_privatekey_file(str(profile.private_key))
+        _load_key(ctx, profile.private_key, profile.private_key_password)
         ctx.check_privatekey()
-    except SSL.Error as exc:
+    except (SSL.Error, ValueError, OSError) as exc:
         raise ConfigError(
             f"{where}: certificate {profile.certificate} and key {profile.private_key} "
             f"cannot be used: {_reasons(exc)}"
@@ -188,6 +213,7 @@ def server_context(profile: ServerProfile) -> SSL.Context:
     if profile.alpn:
         ctx.set_alpn_select_callback(_select_alpn([p.encode() for p in profile.alpn]))
     ctx.set_tlsext_servername_callback(_remember_sni)
+    _keylog(ctx)
     return ctx
 
 
@@ -198,6 +224,7 @@ def client_context(
     key: str | os.PathLike[str] | None = None,
     verify: bool = True,
     alpn: Sequence[str] = (),
+    password: str | None = None,
 ) -> SSL.Context:
     """A client context; `ca_file` None trusts the system's CAs. Raises ValueError."""
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
@@ -206,7 +233,7 @@ def client_context(
     try:
         if cert is not None:
             ctx.use_certificate_chain_file(os.fspath(cert))
-            ctx.use_privatekey_file(os.fspath(key if key is not None else cert))
+            _load_key(ctx, key if key is not None else cert, password)
             ctx.check_privatekey()
         if verify:
             if ca_file is None:

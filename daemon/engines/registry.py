@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import ssl
+import time
 from collections.abc import Callable, Sequence
 
 from tlsbridge.daemon.certinfo import cert_info_from_pem_file
@@ -24,6 +25,18 @@ ENGINES = ("openssl", "pyopenssl", "gnutls")
 _OPENSSL_VERIFY_MODES = ("off", "optional", "on")
 
 PathLike = str | os.PathLike[str]
+
+
+def usable_certificate(where: str, path: PathLike) -> CertInfo:
+    """Our own certificate, parsed; one that has expired refuses start-up and reload (every
+    engine would serve it otherwise). Raises ConfigError."""
+    try:
+        info = cert_info_from_pem_file(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{where}: certificate {os.fspath(path)}: {exc}") from None
+    if info.not_after_ts < time.time():
+        raise ConfigError(f"{where}: certificate {os.fspath(path)} expired on {info.not_after}")
+    return info
 
 
 def _reason(name: str) -> str | None:
@@ -62,10 +75,7 @@ def server_engine_factory(name: str, profile: ServerProfile) -> Callable[[], Tls
     engine per connection. Raises ConfigError naming the profile."""
     where = f"profile '{profile.name}'"
     _require(name, where)
-    try:
-        local = cert_info_from_pem_file(profile.certificate)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{where}: certificate {profile.certificate}: {exc}") from None
+    local = usable_certificate(where, profile.certificate)
     if name == "openssl":
         from tlsbridge.daemon.tls_context import server_context
 
@@ -111,7 +121,8 @@ def listener_engine_factory(
             raise ConfigError(
                 f"profile '{p.name}': engine openssl needs the same verify_client and crl as "
                 f"the listener's default profile '{default.name}' (or use one listener each)")
-    local = {p.name: cert_info_from_pem_file(p.certificate) for p in (default, *sni_profiles)}
+    local = {p.name: usable_certificate(f"profile '{p.name}'", p.certificate)
+             for p in (default, *sni_profiles)}
     ctx = listener_context(default, sni_profiles, strict=strict_sni)
     return functools.partial(OpenSSLEngine, ctx, server_side=True,
                              local_cert=local[default.name], local_by_profile=local)
@@ -167,6 +178,7 @@ def client_engine(
     server_hostname: str | None = None,
     sni: str | None = None,
     alpn: Sequence[str] = (),
+    password: str | None = None,
 ) -> TlsEngine:
     """A client engine with a context of its own (tests, health checks, outbound links).
 
@@ -190,10 +202,11 @@ def client_engine(
         from tlsbridge.daemon.engines import pyopenssl
 
         ctx = pyopenssl.client_context(ca_file=ca_file, cert=cert, key=key, verify=verify,
-                                       alpn=alpn)
+                                       alpn=alpn, password=password)
         return pyopenssl.PyOpenSSLEngine(ctx, server_side=False, server_hostname=server_hostname,
                                          sni=sni, local_cert=local)
     from tlsbridge.daemon.engines import gnutls
 
-    gctx = gnutls.client_context(ca_file=ca_file, cert=cert, key=key, verify=verify, alpn=alpn)
+    gctx = gnutls.client_context(ca_file=ca_file, cert=cert, key=key, verify=verify, alpn=alpn,
+                                 password=password)
     return gnutls.GnuTLSEngine(gctx, server_hostname=server_hostname, sni=sni, local_cert=local)

@@ -27,9 +27,16 @@ import zmq
 import zmq.asyncio
 
 from tlsbridge.daemon import reload as rl
+from tlsbridge.daemon.admission import Admission
 from tlsbridge.daemon.channels import ControlServer, EventSink, bind, unlink
 from tlsbridge.daemon.config import Config, ConfigError, load_config
-from tlsbridge.daemon.hub import facts_entry, worker_control_endpoint, worker_events_endpoint
+from tlsbridge.daemon.hub import (
+    effective_max_connections,
+    facts_entry,
+    private_run_dir,
+    worker_control_endpoint,
+    worker_events_endpoint,
+)
 from tlsbridge.daemon.lookup_server import LookupServer
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
@@ -52,6 +59,9 @@ class Supervisor:
         self._encoder = EventEncoder(self.src)
         self.counters: collections.Counter[str] = collections.Counter()
         self.table: dict[int, dict[str, Any]] = {}
+        # Limits count across all workers here; workers ask before they read a byte.
+        self.admission = Admission(effective_max_connections(config.max_connections),
+                                   config.max_per_ip)
         self.by_hairpin: dict[str, int] = {}
         self._ctx = zmq.asyncio.Context()
         self._rids = itertools.count(1)
@@ -64,7 +74,7 @@ class Supervisor:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        os.makedirs(self.config.run_dir, mode=0o750, exist_ok=True)
+        private_run_dir(self.config.run_dir)
         self._events = EventSink.publisher(self.config.events_endpoint, self.config.events_hwm,
                                            self._dropped)
         self._pull = self._ctx.socket(zmq.PULL)
@@ -130,10 +140,15 @@ class Supervisor:
         """Its connections died with it: say so, as their worker no longer can."""
         for conn_id in [i for i in self.table if (i - 1) % self.count == index]:
             entry = self.table.pop(conn_id)
+            self._release(ev.ConnRef.from_dict(entry["conn"]))
             self.by_hairpin.pop(entry["conn"].get("hairpin") or "", None)
             self._publish(ev.CONN_CLOSED, ev.ConnRef.from_dict(entry["conn"]),
                           reason="worker_died", bytes_in=0, bytes_out=0, duration=0.0,
                           keys=entry.get("keys", []))
+
+    def _release(self, conn: ev.ConnRef) -> None:
+        if conn.direction == "in":
+            self.admission.release(conn.peer.rpartition(":")[0].strip("[]"))
 
     async def serve(self) -> None:
         await self._stop.wait()
@@ -201,6 +216,7 @@ class Supervisor:
             if event.fields.get("key") not in keys:
                 keys.append(event.fields.get("key"))
         elif event.type == ev.CONN_CLOSED:
+            self._release(conn)
             self.table.pop(conn.id, None)
             if conn.hairpin and self.by_hairpin.get(conn.hairpin) == conn.id:
                 del self.by_hairpin[conn.hairpin]
@@ -274,7 +290,7 @@ class Supervisor:
     async def _dispatch(self, req: ctl.Request) -> dict[str, Any]:
         op, args = req.op, dict(req.args)
         if op == "kill":
-            if not isinstance(args.get("id"), int) or args["id"] < 1:
+            if type(args.get("id")) is not int or args["id"] < 1:
                 raise ctl.ControlError(ctl.BAD_REQUEST, "kill needs an integer 'id'")
             return await self._ask((args["id"] - 1) % self.count, op, args)
         if op == "connect":
@@ -351,9 +367,28 @@ class Supervisor:
         while True:
             frames = await self._wctl.recv_multipart()
             body = frames[-1]
+            if not ctl.is_reply(body):  # a worker asking us (admission)
+                await self._answer_worker(frames[0], body)
+                continue
             fut = self._waiting.get(ctl.peek_id(body))
             if fut is not None and not fut.done():
                 fut.set_result(body)
+
+    async def _answer_worker(self, identity: bytes, body: bytes) -> None:
+        try:
+            req = ctl.decode_request(body)
+        except ctl.ControlError as exc:
+            reply = ctl.encode_error(ctl.peek_id(body), exc.code, exc.message)
+        else:
+            if req.op == "admit" and isinstance(req.args.get("ip"), str):
+                refused = self.admission.admit(req.args["ip"])
+                if refused:
+                    self.counters[f"refused.{refused}"] += 1
+                reply = ctl.encode_reply(req.rid, refused=refused)
+            else:
+                reply = ctl.encode_error(req.rid, ctl.UNSUPPORTED, f"{req.op} from a worker")
+        with contextlib.suppress(zmq.ZMQError):
+            await self._wctl.send_multipart([identity, b"", reply], flags=zmq.NOBLOCK)
 
     # -- reload and certificates --------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import trustme
 
 from tests.integration.conftest import Stack
@@ -169,12 +170,13 @@ class Lab(Stack):
 
 def lab_config(workdir: Path, certs: dict[str, Path], *, daemon_extra: str = "",
                extra: str = "", handshake_timeout: float = 5.0, engine: str = "openssl",
-               run_dir: Path | None = None, ports: tuple[int, int, int] | None = None) -> Path:
+               run_dir: Path | None = None, ports: tuple[int, int, int] | None = None,
+               workers: int = 1) -> Path:
     tls_port, sip_port, hairpin_port = ports or tuple(free_tcp_udp_port() for _ in range(3))
     config = write_bridge_config(
         workdir / "tlsbridge.toml", tls_port=tls_port, hairpin_port=hairpin_port,
         sip_port=sip_port, certs=certs, run_dir=run_dir or workdir, extra=extra,
-        handshake_timeout=handshake_timeout, engine=engine,
+        handshake_timeout=handshake_timeout, engine=engine, workers=workers,
     )
     if daemon_extra:
         text = config.read_text().replace("[daemon]\n", f"[daemon]\n{daemon_extra.strip()}\n", 1)
@@ -212,6 +214,8 @@ def lab_stack(workdir: Path, certs: dict[str, Path], *, with_kamailio: bool = Tr
         if with_kamailio:
             lab.start_kamailio()
         yield lab
+    except (pytest.skip.Exception, pytest.xfail.Exception):
+        raise
     except BaseException:
         print(lab.logs())
         raise
@@ -439,19 +443,6 @@ class RawTls:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
-
-
-def alerts_in(data: bytes) -> list[tuple[int, int]]:
-    """(level, description) of the plaintext alert records in a ciphertext stream (TLS 1.2 and
-    handshake-time alerts; TLS 1.3 encrypts them after the handshake)."""
-    out, i = [], 0
-    while i + 5 <= len(data):
-        ctype, length = data[i], int.from_bytes(data[i + 3 : i + 5], "big")
-        body = data[i + 5 : i + 5 + length]
-        if ctype == 21 and len(body) == 2:
-            out.append((body[0], body[1]))
-        i += 5 + length
-    return out
 
 
 def wait_closed_event(lab: Lab, peer: str, timeout: float = 10.0) -> Event:

@@ -97,8 +97,10 @@ def _integrity(lab: Lab, conns: int, messages: int, workers: int) -> None:
     print(f"{conns} connections x {messages} messages: {mib:.0f} MiB in {took:.1f} s")
 
 
-def test_integrity_100_connections(tmp_path: Path, fault_certs: dict[str, Path]) -> None:
-    with lab_stack(tmp_path, fault_certs) as lab:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_integrity_100_connections(tmp_path: Path, fault_certs: dict[str, Path],
+                                   workers: int) -> None:
+    with lab_stack(tmp_path, fault_certs, workers=workers) as lab:
         _integrity(lab, conns=100, messages=12, workers=50)
 
 

@@ -74,11 +74,12 @@ def test_kamailio_down_when_clients_connect(tmp_path: Path, fault_certs: dict[st
 RESTART_CONNS = 500
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_kamailio_restarted_under_500_open_connections(
-    tmp_path: Path, fault_certs: dict[str, Path]
+    tmp_path: Path, fault_certs: dict[str, Path], workers: int
 ) -> None:
     raise_nofile(RESTART_CONNS * 2 + 1000)
-    with lab_stack(tmp_path, fault_certs) as lab:
+    with lab_stack(tmp_path, fault_certs, workers=workers) as lab:
         uas: list[TlsUA] = []
         try:
             with ThreadPoolExecutor(8) as pool:

@@ -94,8 +94,9 @@ def test_key_passwords_are_never_logged(tmp_path: Path, engine: str) -> None:
     checked = subprocess.run([sys.executable, "-m", "tlsbridge.daemon.cli", "check", "-c",
                               str(config)], capture_output=True, text=True, timeout=30)
     config.write_text(text.replace(PASSWORD, WRONG))
+    # (killed by subprocess.run after 15 s if it wrongly starts)
     failed_start = subprocess.run([sys.executable, "-m", "tlsbridge.daemon.cli", "run", "-c",
-                                   str(config)], capture_output=True, text=True, timeout=30)
+                                   str(config)], capture_output=True, text=True, timeout=15)
     assert failed_start.returncode != 0
     log = lab.daemon.log.read_text(errors="replace")
     assert 'log_level = "debug"' in text  # the most talkative level was on
