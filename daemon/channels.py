@@ -48,14 +48,13 @@ class EventSink:
     def __init__(self, sock: zmq.Socket, on_drop: Callable[[], None]) -> None:
         self.sock = sock
         self.on_drop = on_drop
-        self._xpub = sock.socket_type == zmq.XPUB
 
     @classmethod
     def publisher(cls, endpoint: str, hwm: int, on_drop: Callable[[], None]) -> EventSink:
-        # XPUB with NODROP: a subscriber at its HWM makes send() fail instead of losing events
-        # silently, so every loss is counted; we never block.
-        sock = zmq.Context.instance().socket(zmq.XPUB)
-        sock.setsockopt(zmq.XPUB_NODROP, 1)
+        # PUB drops for a subscriber `hwm` events behind, for that one only: a stuck
+        # `tlsbridge events` must never cost Kamailio's rtimer its events (as XPUB with NODROP
+        # would, for every subscriber at once). Subscribers see the loss as a gap in `seq`.
+        sock = zmq.Context.instance().socket(zmq.PUB)
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.LINGER, 0)
         bind(sock, endpoint)
@@ -70,9 +69,6 @@ class EventSink:
         return cls(sock, on_drop)
 
     def send(self, frames: list[bytes]) -> None:
-        if self._xpub:
-            while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                self.sock.recv(zmq.NOBLOCK)  # (un)subscriptions: not needed, must not pile up
         try:
             self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
