@@ -38,9 +38,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from tlsbridge.daemon import keylog
+    from tlsbridge.daemon import kamcheck, keylog
 
     keylog.configure(config.keylog_file)
+    kamcheck.warn_at_start(config)
     if config.workers > 1:
         from tlsbridge.daemon.supervisors.multiprocess import run_supervised
 

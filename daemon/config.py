@@ -97,6 +97,7 @@ class Hairpin:
     proxy_protocol: int = 1
     source_ip: str = "127.0.0.1"
     connect_timeout: float = 5.0
+    cfg: Path | None = None  # Kamailio's kamailio.cfg, reviewed at start for what the bridge needs
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +246,7 @@ def _build(path: Path, root: _Section) -> Config:
         proxy_protocol=kam.choice("proxy_protocol", (1, 2), 1),
         source_ip=kam.get("source_ip", str, "127.0.0.1"),
         connect_timeout=kam.positive("connect_timeout", float, 5.0),
+        cfg=kam.file("cfg", base, required=False),
     )
     if "sip_address" in kam.data:
         kam.address("sip_address")

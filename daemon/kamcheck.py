@@ -77,3 +77,22 @@ def check_cfg_file(path: Path, config: Config) -> list[Finding]:
         return check_cfg(path.read_text(), config)
     except OSError as exc:
         return [("error", f"cannot read {path}: {exc.strerror}")]
+
+
+def warn_at_start(config: Config) -> None:
+    """What an operator must know before the first connection: logged, never fatal."""
+    import ipaddress
+    import logging
+
+    log = logging.getLogger("tlsbridge")
+    try:
+        loopback = ipaddress.ip_address(config.hairpin.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        log.warning("the hairpin target %s is not loopback: anything that reaches Kamailio's "
+                    "TCP listener there can claim any source address", config.hairpin.host)
+    if config.hairpin.cfg is not None:
+        for level, message in check_cfg_file(config.hairpin.cfg, config):
+            if level != "ok":
+                log.warning("%s: %s", config.hairpin.cfg, message)

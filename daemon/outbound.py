@@ -20,7 +20,11 @@ from typing import TYPE_CHECKING, Any
 from tlsbridge.daemon.config import ConfigError
 from tlsbridge.daemon.engines.base import TlsEngine
 from tlsbridge.daemon.engines.openssl import OpenSSLEngine
-from tlsbridge.daemon.engines.registry import client_engine, usable_certificate
+from tlsbridge.daemon.engines.registry import (
+    client_engine,
+    refuse_unsupported,
+    usable_certificate,
+)
 from tlsbridge.daemon.relay import Relay, State, _os_reason
 from tlsbridge.daemon.tls_context import client_context
 from tlsbridge.shared import events as ev
@@ -182,6 +186,7 @@ class Connector:
             if profile.engine == "openssl":
                 contexts[name] = client_context(profile)
                 continue
+            refuse_unsupported(profile.engine, profile, f"client profile '{name}'")
             try:
                 client_engine(profile.engine, ca_file=profile.ca_list, cert=profile.certificate,
                               key=profile.private_key, verify=profile.verify_server,

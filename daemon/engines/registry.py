@@ -27,6 +27,21 @@ _OPENSSL_VERIFY_MODES = ("off", "optional", "on")
 PathLike = str | os.PathLike[str]
 
 
+# Profile keys an engine does not implement yet: refused, never silently ignored (a CRL that
+# is not checked would let revoked certificates in).
+_NOT_YET = {
+    "pyopenssl": ("crl", "ca_path", "tls13_ciphersuites", "groups"),
+    "gnutls": ("crl", "ca_path", "tls13_ciphersuites", "groups"),
+}
+
+
+def refuse_unsupported(name: str, profile: object, where: str) -> None:
+    for key in _NOT_YET.get(name, ()):
+        if getattr(profile, key, None):
+            raise ConfigError(f"{where}: engine {name} does not support '{key}' yet; "
+                              "use engine openssl for this profile")
+
+
 def usable_certificate(where: str, path: PathLike) -> CertInfo:
     """Our own certificate, parsed; one that has expired refuses start-up and reload (every
     engine would serve it otherwise). Raises ConfigError."""
@@ -75,6 +90,7 @@ def server_engine_factory(name: str, profile: ServerProfile) -> Callable[[], Tls
     engine per connection. Raises ConfigError naming the profile."""
     where = f"profile '{profile.name}'"
     _require(name, where)
+    refuse_unsupported(name, profile, where)
     local = usable_certificate(where, profile.certificate)
     if name == "openssl":
         from tlsbridge.daemon.tls_context import server_context
