@@ -1,0 +1,130 @@
+"""Every client engine against real TLS servers of other stacks: `openssl s_server` and
+`gnutls-serv`, TLS 1.2 and 1.3 (the daemon's outbound side meets such peers)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tlsbridge.daemon.engines import registry
+from tlsbridge.daemon.engines.base import TlsEngine
+from tlsbridge.daemon.engines.registry import client_engine
+
+ENGINES = [e for e, reason in registry.available().items() if reason is None]
+TOOLS = {"openssl": "openssl", "gnutls": "gnutls-serv"}
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("servers")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    leaf = ca.issue_cert("server.example.test")
+    leaf.cert_chain_pems[0].write_to_path(str(d / "server.pem"))
+    leaf.private_key_pem.write_to_path(str(d / "server.key"))
+    return d
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(tool: str, certs: Path, version: str) -> Iterator[int]:
+    if shutil.which(TOOLS[tool]) is None:
+        pytest.skip(f"{TOOLS[tool]} is not installed (Debian: openssl, gnutls-bin)")
+    port = _free_port()
+    if tool == "openssl":
+        argv = ["openssl", "s_server", "-accept", str(port), "-cert", str(certs / "server.pem"),
+                "-key", str(certs / "server.key"), "-quiet", "-naccept", "1",
+                "-tls1_3" if version == "TLSv1.3" else "-tls1_2"]
+    else:
+        prio = "NORMAL:-VERS-ALL:+VERS-TLS1.3" if version == "TLSv1.3" else \
+            "NORMAL:-VERS-ALL:+VERS-TLS1.2"
+        argv = ["gnutls-serv", "--echo", "-p", str(port), "--x509certfile",
+                str(certs / "server.pem"), "--x509keyfile", str(certs / "server.key"),
+                "--priority", prio]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            time.sleep(0.05)
+        if tool == "openssl":  # that probe used s_server's one accept: start it again
+            proc.kill()
+            proc.wait()
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+        yield port
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def handshake(engine: TlsEngine, sock: socket.socket) -> None:
+    sock.settimeout(5)
+    while not engine.handshake():
+        out = engine.outgoing()
+        if out:
+            sock.sendall(out)
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("server closed during the handshake")
+        engine.receive(data)
+    out = engine.outgoing()
+    if out:
+        sock.sendall(out)
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+@pytest.mark.parametrize("tool", list(TOOLS))
+@pytest.mark.parametrize("engine", ENGINES)
+def test_client_engine_against_real_server(engine: str, tool: str, version: str,
+                                           certs: Path) -> None:
+    with server(tool, certs, version) as port, \
+            socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        cli = client_engine(engine, ca_file=certs / "ca.pem",
+                            server_hostname="server.example.test")
+        handshake(cli, sock)
+        facts = cli.facts()
+        assert facts.version == version
+        assert facts.peer is not None and facts.peer_verified
+        assert "server.example.test" in facts.peer.san_dns
+        if tool == "gnutls":  # it echoes what it gets
+            cli.write(b"OPTIONS ping\r\n")
+            sock.sendall(cli.outgoing())
+            got = b""
+            while b"ping" not in got:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                cli.receive(data)
+                got += cli.read()
+                out = cli.outgoing()
+                if out:
+                    sock.sendall(out)
+            assert b"OPTIONS ping" in got
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_client_engine_refuses_the_wrong_name(engine: str, certs: Path) -> None:
+    with server("gnutls", certs, "TLSv1.3") as port, \
+            socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        cli = client_engine(engine, ca_file=certs / "ca.pem",
+                            server_hostname="other.example.test")
+        with pytest.raises(Exception) as info:
+            handshake(cli, sock)
+        assert getattr(info.value, "reason", "") == "verify_failed"
