@@ -7,6 +7,7 @@
               the same reference cfg and routing.py; routing.py's bridge finds no daemon there.
   kamailio    Kamailio's own tls.so: bench/kamailio/kamailio-tls.cfg (the reference cfg's core
               settings and modules, a TLS listener instead of the hairpin) + the same routing.py.
+  tlsbridge-pyopenssl, tlsbridge-gnutls  (not run by default) the daemon on another engine
   tlsbridge-nofacts  (diagnostic, not run by default) tlsbridge, with routing.py's OPTIONS
               answered without the facts look-up (bench/kamailio/routing_nofacts.py).
 
@@ -232,6 +233,7 @@ hairpin = "127.0.0.1:{free_port()}"
 class TlsBridgeSystem(System):
     key = "tlsbridge"
     label = "tlsbridge + Kamailio"
+    engine = "openssl"
 
     def _start(self) -> None:
         sip, hairpin, self.tls_port = (free_port(udp_too=True), free_port(), free_port())
@@ -259,6 +261,7 @@ private_key = "{self.s.certs['key']}"
 verify_client = "off"
 min_version = "TLSv1.2"
 max_version = "TLSv1.3"
+engine = "{self.engine}"
 """)
         self._kamailio(REF_CFG / "kamailio.cfg", {
             "SIP_PORT": str(sip), "HAIRPIN_PORT": str(hairpin), "TLS_PORT": str(self.tls_port),
@@ -288,6 +291,18 @@ class TlsBridgeNoFactsSystem(TlsBridgeSystem):
     key = "tlsbridge-nofacts"
     label = "tlsbridge + Kamailio, no facts look-up"
     script = BENCH_KAM / "routing_nofacts.py"
+
+
+class TlsBridgePyOpenSSLSystem(TlsBridgeSystem):
+    key = "tlsbridge-pyopenssl"
+    label = "tlsbridge (pyopenssl engine) + Kamailio"
+    engine = "pyopenssl"
+
+
+class TlsBridgeGnuTLSSystem(TlsBridgeSystem):
+    key = "tlsbridge-gnutls"
+    label = "tlsbridge (gnutls engine) + Kamailio"
+    engine = "gnutls"
 
 
 class HAProxySystem(System):
@@ -351,7 +366,8 @@ require_certificate = no
 
 SYSTEMS: dict[str, type[System]] = {
     cls.key: cls
-    for cls in (HAProxySystem, TlsBridgeSystem, KamailioTlsSystem, TlsBridgeNoFactsSystem)
+    for cls in (HAProxySystem, TlsBridgeSystem, KamailioTlsSystem, TlsBridgeNoFactsSystem,
+                TlsBridgePyOpenSSLSystem, TlsBridgeGnuTLSSystem)
 }
 
 
