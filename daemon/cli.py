@@ -64,7 +64,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from tlsbridge.daemon.server import run
 
     keylog.configure(config.keylog_file)
-    run(config, (args.index, args.count))
+    run(config, (args.index, args.count), generation=args.generation)
     return 0
 
 
@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", parents=[common])  # started by the supervisor
     p.add_argument("--index", type=int, required=True)
     p.add_argument("--count", type=int, required=True)
+    p.add_argument("--generation", type=int, default=0)
     p.set_defaults(func=cmd_worker)
     p = sub.add_parser("check", parents=[common],
                        help="check configuration, certificates, Kamailio and its cfg")

@@ -53,9 +53,12 @@ class Hub:
     """`worker` = (index, count) when a supervisor runs several: events then go to the
     supervisor, control requests come from it, and connection ids stay unique across workers."""
 
-    def __init__(self, config: Config, worker: tuple[int, int] | None = None) -> None:
+    def __init__(self, config: Config, worker: tuple[int, int] | None = None,
+                 generation: int = 0) -> None:
         self.config = config
         self.worker = worker
+        # ids of a restarted worker start in a range of their own; (id - 1) % count = index
+        self._id_base = generation * (worker[1] if worker else 1) << 32
         self.log = log
         self.started = time.time()
         self.src = secrets.token_hex(8)
@@ -129,7 +132,7 @@ class Hub:
         if self.worker is None:
             return self._ids
         index, count = self.worker
-        return (self._ids - 1) * count + index + 1  # worker = (id - 1) % count
+        return self._id_base + (self._ids - 1) * count + index + 1  # worker = (id - 1) % count
 
     @property
     def admits_remotely(self) -> bool:
@@ -144,10 +147,10 @@ class Hub:
             self.counters[f"refused.{refusal}"] += 1
         return refusal
 
-    async def admit_remotely(self, ip: str) -> str | None:
+    async def admit_remotely(self, ip: str, conn_id: int) -> str | None:
         assert self._control is not None
         try:
-            reply = await self._control.ask("admit", timeout=2.0, ip=ip)
+            reply = await self._control.ask("admit", timeout=2.0, ip=ip, id=conn_id)
         except ctl.ControlError as exc:
             log.error("admission: the supervisor did not answer (%s); admitting %s", exc, ip)
             return None

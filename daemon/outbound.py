@@ -170,7 +170,6 @@ class Connector:
     def __init__(self, hub: Hub, config: Config) -> None:
         self.hub = hub
         self.config = config
-        self._contexts: dict[str, ssl.SSLContext] = {}
         self._contexts, self._local = self.check(config)
         self._live: dict[Target, OutboundRelay] = {}
         self._attempts: dict[Target, _Attempt] = {}

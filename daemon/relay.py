@@ -117,6 +117,10 @@ class Relay(asyncio.Protocol):
         except Exception as exc:  # a broken profile must not take the listener down
             self.hub.log.error("conn %d: cannot create TLS engine: %s", self.id, exc)
             self.state = State.CLOSED
+            if self.direction == "in":
+                self.hub.release(self.peer[0])
+            self.hub.publish(ev.CONN_CLOSED, self.ref, reason="engine_failed", detail=str(exc),
+                             bytes_in=0, bytes_out=0, duration=0.0)
             transport.abort()
             return
         self._timer = loop.call_later(self._handshake_limit(), self._handshake_timeout)
@@ -416,7 +420,7 @@ class InboundRelay(Relay):
         return self.hub.admit(self.peer[0])
 
     async def _admit_remotely(self) -> None:
-        refusal = await self.hub.admit_remotely(self.peer[0])
+        refusal = await self.hub.admit_remotely(self.peer[0], self.id)
         if self.state is State.CLOSED:
             return
         if refusal is not None:

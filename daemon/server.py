@@ -40,10 +40,11 @@ class Server:
     """One process serving every listener; or, with `worker`, one of a supervisor's workers
     (which then owns events, control, certificate checks and metrics)."""
 
-    def __init__(self, config: Config, worker: tuple[int, int] | None = None) -> None:
+    def __init__(self, config: Config, worker: tuple[int, int] | None = None,
+                 generation: int = 0) -> None:
         self.config = config
         self.worker = worker
-        self.hub = Hub(config, worker)
+        self.hub = Hub(config, worker, generation)
         self.hub.reloader = self.reload
         self._factories: dict[str, Callable[[], TlsEngine]] = {}
         self._servers: dict[str, asyncio.Server] = {}
@@ -194,8 +195,8 @@ class Server:
         await self.hub.close()
 
 
-async def _main(config: Config, worker: tuple[int, int] | None = None) -> None:
-    server = Server(config, worker)
+async def _main(config: Config, worker: tuple[int, int] | None, generation: int) -> None:
+    server = Server(config, worker, generation)
     await server.start()
     try:
         await server.serve()
@@ -203,11 +204,11 @@ async def _main(config: Config, worker: tuple[int, int] | None = None) -> None:
         await server.shutdown()
 
 
-def run(config: Config, worker: tuple[int, int] | None = None) -> None:
+def run(config: Config, worker: tuple[int, int] | None = None, generation: int = 0) -> None:
     """Serve in this process (as worker `worker` of a supervisor when given)."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_main(config, worker))
+        asyncio.run(_main(config, worker, generation))
     else:
-        uvloop.run(_main(config, worker))
+        uvloop.run(_main(config, worker, generation))

@@ -62,11 +62,15 @@ class Supervisor:
         # Limits count across all workers here; workers ask before they read a byte.
         self.admission = Admission(effective_max_connections(config.max_connections),
                                    config.max_per_ip)
+        self.admits = bool(config.max_connections or config.max_per_ip)
+        self._admitted: dict[int, str] = {}
+        self._closed_early: collections.OrderedDict[int, bool] = collections.OrderedDict()
         self.by_hairpin: dict[str, int] = {}
         self._ctx = zmq.asyncio.Context()
         self._rids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[bytes]] = {}
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._generations: dict[int, int] = {}
         self._stopping = False
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -120,8 +124,12 @@ class Supervisor:
                         raise RuntimeError(f"worker {index} did not start") from None
 
     def _spawn(self, index: int) -> None:
+        # A restarted worker numbers its connections afresh: a new generation keeps the ids
+        # unique for the daemon's whole life.
+        generation = self._generations[index] = self._generations.get(index, -1) + 1
         argv = [sys.executable, "-m", "tlsbridge.daemon.cli", "worker", "-c",
-                str(self.config.path), "--index", str(index), "--count", str(self.count)]
+                str(self.config.path), "--index", str(index), "--count", str(self.count),
+                "--generation", str(generation)]
         self._procs[index] = subprocess.Popen(argv)
         log.info("worker %d: pid %d", index, self._procs[index].pid)
 
@@ -138,17 +146,40 @@ class Supervisor:
 
     def _forget_worker(self, index: int) -> None:
         """Its connections died with it: say so, as their worker no longer can."""
+        for conn_id in [i for i in self._admitted if (i - 1) % self.count == index]:
+            self.admission.release(self._admitted.pop(conn_id))
+        for conn_id in [i for i in self._closed_early if (i - 1) % self.count == index]:
+            del self._closed_early[conn_id]
         for conn_id in [i for i in self.table if (i - 1) % self.count == index]:
             entry = self.table.pop(conn_id)
-            self._release(ev.ConnRef.from_dict(entry["conn"]))
             self.by_hairpin.pop(entry["conn"].get("hairpin") or "", None)
             self._publish(ev.CONN_CLOSED, ev.ConnRef.from_dict(entry["conn"]),
                           reason="worker_died", bytes_in=0, bytes_out=0, duration=0.0,
                           keys=entry.get("keys", []))
 
+    def _admit(self, ip: str, conn_id: int) -> str | None:
+        if conn_id in self._closed_early:  # it closed before its admission was asked for
+            del self._closed_early[conn_id]
+            return "closed"
+        refused = self.admission.admit(ip)
+        if refused:
+            self.counters[f"refused.{refused}"] += 1
+        else:
+            self._admitted[conn_id] = ip
+        return refused
+
     def _release(self, conn: ev.ConnRef) -> None:
-        if conn.direction == "in":
-            self.admission.release(conn.peer.rpartition(":")[0].strip("[]"))
+        """Give back what this connection's admission took; its close can come first (the
+        events and the admission requests travel on different sockets)."""
+        if conn.direction != "in" or not self.admits:
+            return
+        ip = self._admitted.pop(conn.id, None)
+        if ip is not None:
+            self.admission.release(ip)
+            return
+        self._closed_early[conn.id] = True
+        while len(self._closed_early) > 10_000:
+            self._closed_early.popitem(last=False)
 
     async def serve(self) -> None:
         await self._stop.wait()
@@ -380,11 +411,9 @@ class Supervisor:
         except ctl.ControlError as exc:
             reply = ctl.encode_error(ctl.peek_id(body), exc.code, exc.message)
         else:
-            if req.op == "admit" and isinstance(req.args.get("ip"), str):
-                refused = self.admission.admit(req.args["ip"])
-                if refused:
-                    self.counters[f"refused.{refused}"] += 1
-                reply = ctl.encode_reply(req.rid, refused=refused)
+            ip, conn_id = req.args.get("ip"), req.args.get("id")
+            if req.op == "admit" and isinstance(ip, str) and type(conn_id) is int:
+                reply = ctl.encode_reply(req.rid, refused=self._admit(ip, conn_id))
             else:
                 reply = ctl.encode_error(req.rid, ctl.UNSUPPORTED, f"{req.op} from a worker")
         with contextlib.suppress(zmq.ZMQError):
