@@ -23,7 +23,7 @@ from tlsbridge.daemon.channels import ControlServer, EventSink, unlink
 from tlsbridge.daemon.lookup_server import LookupServer
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
-from tlsbridge.shared.addr import is_ip
+from tlsbridge.shared.addr import default_sni
 from tlsbridge.shared.events import ConnRef, EventEncoder
 from tlsbridge.shared.facts import TlsFacts
 from tlsbridge.shared.settings import lookup_socket_of
@@ -191,9 +191,7 @@ class Hub:
     # -- events -----------------------------------------------------------------------------
 
     def publish(self, type_: str, conn: ConnRef | None, **fields: Any) -> None:
-        self.counters[f"events.{type_}"] += 1
-        if type_ in (ev.TLS_FAILED, ev.HAIRPIN_FAILED, ev.CONN_CLOSED):
-            self.counters[f"{type_}.{fields.get('reason')}"] += 1
+        count_event(self.counters, type_, fields)
         event, frames = self._encoder.encode(type_, conn, **fields)
         _log_event(event)
         if self._events is not None:
@@ -277,8 +275,7 @@ class Hub:
             raise ctl.ControlError(ctl.BAD_REQUEST, "connect: 'sni' must be a string")
         if self.connector is None or profile not in self.config.clients:
             raise ctl.ControlError(ctl.NOT_FOUND, f"connect: no client profile {profile!r}")
-        if sni is None and not is_ip(host):
-            sni = host  # RFC 5922: the SIP domain is what the certificate must name
+        sni = sni if sni is not None else default_sni(host)
         if not args.get("profile"):
             profile = self._profile_for(host, port)
         target = Target(host.strip("[]"), port, sni, profile)
@@ -309,6 +306,13 @@ class Hub:
 
     def _uptime(self) -> float:
         return round(time.time() - self.started, 3)
+
+
+def count_event(counters: collections.Counter[str], type_: str, fields: dict[str, Any]) -> None:
+    """The counters `stats` and the metrics read: per type, and per reason for failures."""
+    counters[f"events.{type_}"] += 1
+    if type_ in (ev.TLS_FAILED, ev.HAIRPIN_FAILED, ev.CONN_CLOSED):
+        counters[f"{type_}.{fields.get('reason')}"] += 1
 
 
 def effective_max_connections(configured: int) -> int:

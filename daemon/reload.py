@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tlsbridge.daemon.certinfo import cert_info_from_pem_file
 from tlsbridge.daemon.config import Config
+from tlsbridge.shared import events as ev
+
+log = logging.getLogger("tlsbridge")
+EXPIRY_CHECK_INTERVAL = 12 * 3600
 
 # Settings a running daemon cannot take over: they need a restart.
 RESTART_ONLY = ("run_dir", "events_endpoint", "control_endpoint", "events_hwm")
@@ -107,3 +114,33 @@ def expiring(config: Config, within_days: float, now: float | None = None) -> li
             out.append(Expiring(owner, str(path), info.not_after, round(days, 2),
                                 info.not_after_ts))
     return out
+
+
+def publish_expiring(config: Config, publish: Callable[..., None]) -> None:
+    """Log and publish cert.expiring for each certificate within cert_expiry_days."""
+    for e in expiring(config, config.cert_expiry_days):
+        log.warning("certificate %s (%s) expires %s: %.1f days left",
+                    e.path, e.owner, e.not_after, e.days_left)
+        publish(ev.CERT_EXPIRING, None, owner=e.owner, path=e.path, not_after=e.not_after,
+                days_left=e.days_left)
+
+
+async def check_expiry_forever(config: Callable[[], Config],
+                               publish: Callable[..., None]) -> None:
+    while True:
+        publish_expiring(config(), publish)
+        await asyncio.sleep(EXPIRY_CHECK_INTERVAL)
+
+
+def metrics_snapshot(config: Config, counters: dict[str, int], open_in: int, open_out: int,
+                     bytes_open: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """What daemon/metrics.py reads at a scrape, from a process's counters."""
+    return {
+        "counters": counters,
+        "open_in": open_in,
+        "open_out": open_out,
+        "bytes_in_total": counters.get("bytes_in_closed", 0) + bytes_open[0],
+        "bytes_out_total": counters.get("bytes_out_closed", 0) + bytes_open[1],
+        "certificates": [(e.owner, e.path, e.not_after_ts)
+                         for e in expiring(config, float("inf"))],
+    }

@@ -21,7 +21,6 @@ from tlsbridge.shared import events as ev
 log = logging.getLogger("tlsbridge")
 
 WATCH_INTERVAL = 2.0
-EXPIRY_CHECK_INTERVAL = 12 * 3600
 
 
 def build_factories(config: Config) -> dict[str, Callable[[], TlsEngine]]:
@@ -81,7 +80,8 @@ class Server:
         if self.worker is not None:
             return  # the supervisor reloads us, checks certificates and serves metrics
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_quietly()))
-        self._tasks.append(loop.create_task(self._check_expiry_periodically()))
+        self._tasks.append(loop.create_task(
+            rl.check_expiry_forever(lambda: self.config, self.hub.publish)))
         if self.config.metrics:
             from tlsbridge.daemon import metrics
 
@@ -91,9 +91,6 @@ class Server:
 
     async def serve(self) -> None:
         await self._stop.wait()
-
-    def request_stop(self) -> None:
-        self._stop.set()
 
     # -- reload -----------------------------------------------------------------------------
 
@@ -128,7 +125,7 @@ class Server:
             log.info("configuration reloaded: %s", changes.to_dict())
             if self.worker is None:
                 self.hub.publish(ev.CONFIG_RELOADED, None, **changes.to_dict())
-                self._publish_expiring()
+                rl.publish_expiring(new, self.hub.publish)
             return changes.to_dict()
 
     async def _reload_quietly(self) -> None:
@@ -152,31 +149,10 @@ class Server:
 
     def metrics_snapshot(self) -> dict[str, Any]:
         conns = list(self.hub.conns.values())
-        counters = dict(self.hub.counters)
-        return {
-            "counters": counters,
-            "open_in": sum(1 for c in conns if c.ref.direction == "in"),
-            "open_out": sum(1 for c in conns if c.ref.direction == "out"),
-            "bytes_in_total": counters.get("bytes_in_closed", 0) + sum(c.bytes_in for c in conns),
-            "bytes_out_total": counters.get("bytes_out_closed", 0)
-            + sum(c.bytes_out for c in conns),
-            "certificates": [(e.owner, e.path, e.not_after_ts)
-                             for e in rl.expiring(self.config, float("inf"))],
-        }
-
-    # -- certificate expiry -----------------------------------------------------------------
-
-    def _publish_expiring(self) -> None:
-        for item in rl.expiring(self.config, self.config.cert_expiry_days):
-            log.warning("certificate %s (%s) expires %s: %.1f days left",
-                        item.path, item.owner, item.not_after, item.days_left)
-            self.hub.publish(ev.CERT_EXPIRING, None, owner=item.owner, path=item.path,
-                             not_after=item.not_after, days_left=item.days_left)
-
-    async def _check_expiry_periodically(self) -> None:
-        while True:
-            self._publish_expiring()
-            await asyncio.sleep(EXPIRY_CHECK_INTERVAL)
+        inbound = sum(1 for c in conns if c.ref.direction == "in")
+        return rl.metrics_snapshot(
+            self.config, dict(self.hub.counters), inbound, len(conns) - inbound,
+            (sum(c.bytes_in for c in conns), sum(c.bytes_out for c in conns)))
 
     # -- the end ----------------------------------------------------------------------------
 

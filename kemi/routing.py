@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from tlsbridge.kemi.uri import SipUri, parse_uri
 from tlsbridge.shared import control as ctl
-from tlsbridge.shared.addr import is_ip, target_key
+from tlsbridge.shared.addr import default_sni, is_ip, target_key
 from tlsbridge.shared.settings import Trunk
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ class RoutingMixin:
         if uri.params.get(MARK) == "in" or resume_route is None:
             self._over_hairpin(uri.hostport)
             return RELAY
-        sni = uri.params.get("tlsb_sni") or (None if is_ip(uri.host) else uri.host)
+        sni = uri.params.get("tlsb_sni") or default_sni(uri.host)
         profile = uri.params.get("tlsb_profile") or "default"
         port = uri.port or 5061
         key = target_key(uri.host, port, sni, profile)

@@ -48,3 +48,8 @@ def is_ip(host: str) -> bool:
 def target_key(host: str, port: int, sni: str | None, profile: str) -> str:
     """Identity of an outbound connection: the same key is reused, another gets its own."""
     return f"{format_addr(host, port)}|{sni or ''}|{profile}"
+
+
+def default_sni(host: str) -> str | None:
+    """RFC 5922: the name sent (and checked) is the SIP domain; an IP address sends none."""
+    return None if is_ip(host) else host

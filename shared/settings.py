@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tlsbridge.shared.addr import format_addr, is_ip, parse_addr
+from tlsbridge.shared.addr import default_sni, format_addr, parse_addr
 
 DEFAULT_RUN_DIR = "/run/tlsbridge"
 
@@ -100,7 +100,7 @@ def trunks_of(raw: dict[str, Any], path: Path) -> dict[str, Trunk]:
             name=name,
             host=host,
             port=port,
-            sni=t.get("sni", None if is_ip(host) else host),
+            sni=t.get("sni", default_sni(host)),
             profile=str(t.get("client", "default")),
             prefixes=tuple(str(x) for x in t.get("prefixes", [])),
             domains=tuple(str(x).lower() for x in t.get("domains", [])),

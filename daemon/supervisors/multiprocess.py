@@ -31,6 +31,7 @@ from tlsbridge.daemon.admission import Admission
 from tlsbridge.daemon.channels import ControlServer, EventSink, bind, unlink
 from tlsbridge.daemon.config import Config, ConfigError, load_config
 from tlsbridge.daemon.hub import (
+    count_event,
     effective_max_connections,
     facts_entry,
     private_run_dir,
@@ -97,7 +98,8 @@ class Supervisor:
         self._tasks += [loop.create_task(self._pump_events()),
                         loop.create_task(self._pump_replies()),
                         loop.create_task(self._watch_workers()),
-                        loop.create_task(self._check_expiry())]
+                        loop.create_task(rl.check_expiry_forever(lambda: self.config,
+                                                                 self._publish))]
         await self._wait_for_workers()
         self._control.start()
         self._lookup.start()
@@ -216,9 +218,7 @@ class Supervisor:
         self.counters["events_dropped"] += 1
 
     def _publish(self, type_: str, conn: ev.ConnRef | None, **fields: Any) -> None:
-        self.counters[f"events.{type_}"] += 1
-        if type_ in (ev.TLS_FAILED, ev.HAIRPIN_FAILED, ev.CONN_CLOSED):
-            self.counters[f"{type_}.{fields.get('reason')}"] += 1
+        count_event(self.counters, type_, fields)
         _, frames = self._encoder.encode(type_, conn, **fields)
         self._events.send(frames)
 
@@ -257,16 +257,8 @@ class Supervisor:
     def metrics_snapshot(self) -> dict[str, Any]:
         """From the events (bytes of open connections count once they close)."""
         directions = collections.Counter(e["conn"]["direction"] for e in self.table.values())
-        counters = dict(self.counters)
-        return {
-            "counters": counters,
-            "open_in": directions["in"],
-            "open_out": directions["out"],
-            "bytes_in_total": counters.get("bytes_in_closed", 0),
-            "bytes_out_total": counters.get("bytes_out_closed", 0),
-            "certificates": [(e.owner, e.path, e.not_after_ts)
-                             for e in rl.expiring(self.config, float("inf"))],
-        }
+        return rl.metrics_snapshot(self.config, dict(self.counters), directions["in"],
+                                   directions["out"])
 
     # -- control ----------------------------------------------------------------------------
 
@@ -346,6 +338,7 @@ class Supervisor:
             await self._reload_own()
             changes = {k: ok[0].get(k, []) for k in ("changed", "restart_needed")}
             self._publish(ev.CONFIG_RELOADED, None, **changes)
+            rl.publish_expiring(self.config, self._publish)
             return changes
         raise ctl.ControlError(ctl.UNSUPPORTED, f"op {op!r} not available")
 
@@ -426,7 +419,6 @@ class Supervisor:
             self.config = load_config(self.config.path)
         except ConfigError as exc:  # the workers refused it too
             log.error("supervisor kept its configuration: %s", exc)
-        self._publish_expiring()
 
     async def _reload_quietly(self) -> None:
         req = ctl.Request("reload", 0, {})
@@ -435,15 +427,6 @@ class Supervisor:
         except ctl.ControlError as exc:
             log.error("reload failed: %s", exc.message)
 
-    def _publish_expiring(self) -> None:
-        for e in rl.expiring(self.config, self.config.cert_expiry_days):
-            self._publish(ev.CERT_EXPIRING, None, owner=e.owner, path=e.path,
-                          not_after=e.not_after, days_left=e.days_left)
-
-    async def _check_expiry(self) -> None:
-        while True:
-            self._publish_expiring()
-            await asyncio.sleep(12 * 3600)
 
 
 def run_supervised(config: Config, workers: int) -> None:

@@ -291,3 +291,25 @@ def test_expiring_certificates_are_published(lab: Lab) -> None:
     finally:
         config.write_text(text)
         reload_cli(lab)
+
+
+def test_sighup_and_watched_files_reload(tmp_path: Path, certs: dict[str, Path]) -> None:
+    """The two other ways README names: `kill -HUP` and `watch_files = true`."""
+    import os
+    import signal
+
+    from tests.integration.conftest import start_stack, stop_stack
+
+    stack = start_stack(tmp_path, certs, with_kamailio=False, daemon_extra="watch_files = true")
+    try:
+        os.kill(stack.daemon.pid, signal.SIGHUP)
+        stack.events.wait_for(lambda e: e.type == ev.CONFIG_RELOADED)
+        config = stack.daemon.config
+        config.write_text(config.read_text().replace("handshake_timeout = 5.0",
+                                                     "handshake_timeout = 6.0"))
+        changed = stack.events.wait_for(lambda e: e.type == ev.CONFIG_RELOADED
+                                        and "handshake_timeout" in e.fields["changed"],
+                                        timeout=10)
+        assert changed.fields["restart_needed"] == []
+    finally:
+        stop_stack(stack)

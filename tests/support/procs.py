@@ -164,11 +164,12 @@ class Kamailio(Proc):
 def write_bridge_config(
     path: Path, *, tls_port: int, hairpin_port: int, sip_port: int, certs: dict[str, Path],
     run_dir: Path, extra: str = "", handshake_timeout: float = 5.0, engine: str = "openssl",
-    listener_extra: str = "", workers: int = 1,
+    listener_extra: str = "", workers: int = 1, daemon_extra: str = "",
 ) -> Path:
     path.write_text(f"""
 [daemon]
 workers = {workers}
+{daemon_extra}
 run_dir = "{run_dir}"
 log_level = "debug"
 handshake_timeout = {handshake_timeout}
