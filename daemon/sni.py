@@ -35,3 +35,26 @@ class SniTable(Generic[T]):
 
     def __bool__(self) -> bool:
         return bool(self._exact or self._wild)
+
+
+class SniRouter(Generic[T]):
+    """A listener's choice by SNI, the same for every engine: the profile serving the name, else
+    the listener's default; with `strict`, a name no profile serves (or none) is refused."""
+
+    def __init__(self, default: T, entries: Iterable[tuple[Iterable[str], T]], *,
+                 strict: bool) -> None:
+        self.default = default
+        self.strict = strict
+        self._table = SniTable(entries)
+
+    def choose(self, server_name: str | None) -> T | None:
+        """The value that serves `server_name`; None if the handshake must be refused."""
+        found = self._table.match(server_name)
+        if found is not None:
+            return found
+        return None if self.strict else self.default
+
+
+def refusal(server_name: str | None) -> str:
+    """The detail of an `sni_refused` failure (the openssl engine's wording)."""
+    return f"no profile serves the name {server_name!r}"

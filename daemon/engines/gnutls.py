@@ -13,6 +13,17 @@ Profile `ciphers` are OpenSSL cipher strings (TLS 1.2 and below). GnuTLS priorit
 key exchanges, ciphers and MACs separately, so the string is expanded by OpenSSL and
 rebuilt as a priority; a string whose suites are no such product is refused, and TLS 1.3
 uses the AEAD ciphers the string names (GnuTLS has one cipher list for both versions).
+`tls13_ciphersuites` (IANA / OpenSSL names) go into that same list, so with TLS 1.2 on they
+need a `ciphers` whose TLS 1.2 suites use exactly the same ciphers. `groups` take OpenSSL's
+names (X25519, P-256 / prime256v1 / secp256r1, ffdhe2048...).
+
+CRLs: GnuTLS checks the CRLs it has against the whole chain; as with the openssl engine
+(VERIFY_CRL_CHECK_LEAF), a client certificate whose issuer has no CRL in `crl` is refused.
+
+SNI profiles: each profile has its own credentials and priorities; the post-client-hello
+callback reads the name and puts the chosen profile's on the session (certificate, trust,
+CRLs, ciphers, groups, certificate request). The TLS version and ALPN are settled before
+that callback, so the registry wants them equal across a listener's profiles.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import ipaddress
 import os
 import ssl
@@ -41,6 +53,8 @@ from typing import Any
 
 from tlsbridge.daemon.config import ConfigError, ServerProfile
 from tlsbridge.daemon.engines.base import TlsEngine, TlsError
+from tlsbridge.daemon.engines.registry import listed, pem_crls
+from tlsbridge.daemon.sni import SniRouter, refusal
 from tlsbridge.shared.addr import is_ip
 from tlsbridge.shared.facts import (
     VERIFY_ERROR_NO_PEER_CERT,
@@ -57,6 +71,7 @@ __all__ = [
     "GnuTLSUnavailable",
     "client_context",
     "library_version",
+    "listener_context",
     "server_context",
 ]
 
@@ -85,7 +100,9 @@ _E_CERTIFICATE_ERROR = -43
 _E_INTERRUPTED = -52
 _E_SHORT_MEMORY_BUFFER = -51
 _E_PULL_ERROR = -54
+_E_INTERNAL_ERROR = -59
 _E_PREMATURE_TERMINATION = -110
+_E_UNRECOGNIZED_NAME = -294
 _E_CERTIFICATE_VERIFICATION_ERROR = -348
 _EOF_ERRORS = (_E_PREMATURE_TERMINATION, _E_UNEXPECTED_PACKET_LENGTH, _E_PULL_ERROR)
 _RECORD_SIZE = 16384  # the largest TLS plaintext record
@@ -104,6 +121,7 @@ _PushFunc = CFUNCTYPE(c_ssize_t, c_void_p, c_void_p, c_size_t)
 _PullFunc = CFUNCTYPE(c_ssize_t, c_void_p, c_void_p, c_size_t)
 _PullTimeoutFunc = CFUNCTYPE(c_int, c_void_p, c_uint)
 _VerifyFunc = CFUNCTYPE(c_int, c_void_p)
+_HelloFunc = CFUNCTYPE(c_int, c_void_p)
 _FreeFunc = CFUNCTYPE(None, c_void_p)
 
 _P = c_void_p
@@ -123,6 +141,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "gnutls_certificate_set_x509_key_file2": (
         c_int, [_P, c_char_p, c_char_p, c_int, c_char_p, c_uint]),
     "gnutls_certificate_set_x509_trust_file": (c_int, [_P, c_char_p, c_int]),
+    "gnutls_certificate_set_x509_trust_dir": (c_int, [_P, c_char_p, c_int]),
+    "gnutls_certificate_set_x509_crl_file": (c_int, [_P, c_char_p, c_int]),
     "gnutls_certificate_set_x509_system_trust": (c_int, [_P]),
     "gnutls_certificate_set_verify_limits": (None, [_P, c_uint, c_uint]),
     "gnutls_certificate_server_set_request": (None, [_P, c_int]),
@@ -138,6 +158,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "gnutls_transport_set_errno": (None, [_P, c_int]),
     "gnutls_handshake": (c_int, [_P]),
     "gnutls_handshake_set_timeout": (None, [_P, c_uint]),
+    "gnutls_handshake_set_post_client_hello_function": (None, [_P, _HelloFunc]),
     "gnutls_record_recv": (c_ssize_t, [_P, c_void_p, c_size_t]),
     "gnutls_record_send": (c_ssize_t, [_P, c_void_p, c_size_t]),
     "gnutls_bye": (c_int, [_P, c_int]),
@@ -162,6 +183,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
         c_char_p, [c_size_t, c_char_p, POINTER(c_int), POINTER(c_int), POINTER(c_int),
                    POINTER(c_int)]),
     "gnutls_session_is_resumed": (c_int, [_P]),
+    "gnutls_group_get_id": (c_int, [c_char_p]),
 }
 
 
@@ -267,42 +289,112 @@ def _name(lib: ctypes.CDLL, fn: str, value: int) -> str:
     return raw.decode() if raw else ""
 
 
-def _cipher_priority(profile: ServerProfile, ciphers: str) -> str:
-    """The priority tokens that enable exactly the TLS 1.2 suites of OpenSSL string `ciphers`."""
-    where = f"profile '{profile.name}'"
+_Suite = tuple[str, int, int, int, int, int]
+
+
+def _tls12_suites(where: str, ciphers: str) -> list[_Suite]:
+    """The GnuTLS suites of OpenSSL cipher string `ciphers`, in OpenSSL's order."""
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         probe.set_ciphers(ciphers)
     except ssl.SSLError:
         raise ConfigError(f"{where}: no usable cipher in '{ciphers}'") from None
-    if profile.min_version == "TLSv1.3":
-        return ""  # as with OpenSSL, the string only concerns TLS 1.2
     tls12 = {s[1]: s for s in _suites() if not _is_tls13_suite(s[1])}
     chosen = [tls12[i] for i in (c["id"] & 0xFFFF for c in probe.get_ciphers()) if i in tls12]
     if not chosen:
         raise ConfigError(f"{where}: GnuTLS supports no cipher suite in '{ciphers}'")
-    kxs = list(dict.fromkeys(s[2] for s in chosen))
-    algos = list(dict.fromkeys(s[3] for s in chosen))
-    macs = list(dict.fromkeys(s[4] for s in chosen))
-    enabled = {s[1] for s in tls12.values() if s[2] in kxs and s[3] in algos and s[4] in macs}
-    extra = enabled - {s[1] for s in chosen}
-    if extra:
-        names = ", ".join(sorted(_openssl_names().get(i, tls12[i][0]) for i in extra))
+    return chosen
+
+
+def _tls13_suites(where: str, suites: str) -> list[_Suite]:
+    """The suites of `tls13_ciphersuites`; TLS 1.3 suites have the same name everywhere."""
+    known = {s[0]: s for s in _suites() if _is_tls13_suite(s[1])}
+    chosen = []
+    for name in listed(where, "tls13_ciphersuites", suites):
+        if name not in known:
+            raise ConfigError(f"{where}: 'tls13_ciphersuites': unknown TLS 1.3 suite {name!r} "
+                              f"(GnuTLS knows {', '.join(known)})")
+        chosen.append(known[name])
+    return chosen
+
+
+def _suite_names(suites: Sequence[_Suite]) -> str:
+    return ", ".join(sorted(_openssl_names().get(s[1], s[0]) for s in suites))
+
+
+def _cipher_priority(profile: ServerProfile) -> str:
+    """The priority tokens that enable exactly the TLS 1.2 suites of OpenSSL string `ciphers`
+    and the TLS 1.3 suites of `tls13_ciphersuites`, from GnuTLS's one cipher list."""
+    where = f"profile '{profile.name}'"
+    # Checked even when their TLS version is off: a typo is a typo.
+    tls12 = _tls12_suites(where, profile.ciphers) if profile.ciphers else None
+    tls13 = (_tls13_suites(where, profile.tls13_ciphersuites)
+             if profile.tls13_ciphersuites else None)
+    if profile.min_version == "TLSv1.3":
+        tls12 = None  # as with OpenSSL, `ciphers` only concerns TLS 1.2
+    if profile.max_version == "TLSv1.2":
+        tls13 = None
+    if tls12 is None and tls13 is None:
+        return ""
+    if tls12 is None and profile.min_version == "TLSv1.2":
         raise ConfigError(
-            f"{where}: GnuTLS enables key exchanges, ciphers and MACs separately, so "
-            f"'{ciphers}' would also enable {names}; list those too or pick another engine"
-        )
-    tls13 = {s[3] for s in _suites() if _is_tls13_suite(s[1])}
-    if profile.max_version == "TLSv1.3" and tls13.isdisjoint(algos):
-        raise ConfigError(
-            f"{where}: with GnuTLS, TLS 1.3 uses the AEAD ciphers of '{ciphers}', "
-            f"and it has none; add one or set max_version = \"TLSv1.2\""
-        )
+            f"{where}: GnuTLS has one cipher list for TLS 1.2 and 1.3, so "
+            "'tls13_ciphersuites' alone would restrict TLS 1.2 as well; set 'ciphers' to TLS 1.2 "
+            "suites with the same ciphers, or min_version = \"TLSv1.3\"")
+    algos = list(dict.fromkeys(s[3] for s in (*(tls13 or ()), *(tls12 or ()))))
     lib = _need_lib()
     # An AEAD cipher comes with the AEAD "MAC" that TLS 1.3 needs too.
     parts = ["-CIPHER-ALL", *(f"+{_name(lib, 'gnutls_cipher_get_name', c)}" for c in algos)]
-    parts += ["-MAC-ALL", *(f"+{_name(lib, 'gnutls_mac_get_name', m)}" for m in macs)]
+    if tls12 is not None:
+        parts += _tls12_exactly(where, profile.ciphers or "", tls12, algos)
+    enabled13 = [s for s in _suites() if _is_tls13_suite(s[1]) and s[3] in algos]
+    if tls13 is not None:
+        extra = [s for s in enabled13 if s not in tls13]
+        if extra:
+            raise ConfigError(
+                f"{where}: GnuTLS has one cipher list for TLS 1.2 and 1.3, so the ciphers of "
+                f"'{profile.ciphers}' would also enable TLS 1.3 {_suite_names(extra)}; list "
+                "those in 'tls13_ciphersuites' too or pick another engine")
+    elif profile.max_version == "TLSv1.3" and not enabled13:
+        raise ConfigError(
+            f"{where}: with GnuTLS, TLS 1.3 uses the AEAD ciphers of '{profile.ciphers}', "
+            f"and it has none; add one or set max_version = \"TLSv1.2\"")
+    return ":".join(parts)
+
+
+def _tls12_exactly(where: str, ciphers: str, chosen: list[_Suite], algos: list[int]) -> list[str]:
+    """The MAC and key exchange tokens for `chosen`; refused if the product of key exchanges,
+    `algos` and MACs would enable more TLS 1.2 suites than asked for."""
+    kxs = list(dict.fromkeys(s[2] for s in chosen))
+    macs = list(dict.fromkeys(s[4] for s in chosen))
+    enabled = [s for s in _suites() if not _is_tls13_suite(s[1])
+               and s[2] in kxs and s[3] in algos and s[4] in macs]
+    extra = [s for s in enabled if s not in chosen]
+    if extra:
+        raise ConfigError(
+            f"{where}: GnuTLS enables key exchanges, ciphers and MACs separately, so "
+            f"'{ciphers}' would also enable {_suite_names(extra)}; list those too or pick "
+            "another engine"
+        )
+    lib = _need_lib()
+    parts = ["-MAC-ALL", *(f"+{_name(lib, 'gnutls_mac_get_name', m)}" for m in macs)]
     parts += ["-KX-ALL", *(f"+{_name(lib, 'gnutls_kx_get_name', k)}" for k in kxs)]
+    return parts
+
+
+# OpenSSL's names that GnuTLS spells otherwise; case matters to neither.
+_GROUP_ALIASES = {"p-256": "SECP256R1", "prime256v1": "SECP256R1", "p-384": "SECP384R1",
+                  "p-521": "SECP521R1"}
+
+
+def _group_priority(where: str, groups: str) -> str:
+    lib = _need_lib()
+    parts = ["-GROUP-ALL"]
+    for name in listed(where, "groups", groups):
+        group = _GROUP_ALIASES.get(name.lower(), name.upper())
+        if lib.gnutls_group_get_id(group.encode("ascii")) <= 0:
+            raise ConfigError(f"{where}: 'groups': GnuTLS knows no group {name!r}")
+        parts.append(f"+GROUP-{group}")
     return ":".join(parts)
 
 
@@ -328,12 +420,18 @@ class GnuTLSContext:
         alpn: Sequence[str] = (),
         verify_depth: int = 9,
         local_cert: CertInfo | None = None,
+        name: str = "",
     ) -> None:
         lib = _need_lib()
         self.server_side = server_side
         self.verify = verify
         self.priority_string = priority
         self.local_cert = local_cert
+        self.name = name  # the profile's
+        # Issuers (DER names) that `crl` has a CRL of; a peer from another issuer is refused.
+        self.crl_issuers: frozenset[bytes] = frozenset()
+        # The profiles a listener chooses from by SNI; None: this context serves every name.
+        self.sni: SniRouter[GnuTLSContext] | None = None
         self._cred: c_void_p | None = None
         self._prio: c_void_p | None = None
         cred = c_void_p()
@@ -378,6 +476,24 @@ class GnuTLSContext:
         if rc == 0 and ca_file is not None:
             raise ValueError("no certificate in the file")
 
+    def load_trust_dir(self, ca_path: str | os.PathLike[str]) -> None:
+        """Trust every PEM certificate in a directory (hashed or not); raises ValueError."""
+        rc = _need_lib().gnutls_certificate_set_x509_trust_dir(
+            self._cred, os.fsencode(ca_path), _X509_FMT_PEM)
+        if rc < 0:
+            raise ValueError(_strerror(rc))
+
+    def load_crl(self, crl: str | os.PathLike[str], issuers: frozenset[bytes]) -> None:
+        """Check peers against the CRLs of a PEM file, whose issuers are `issuers`; raises
+        ValueError."""
+        rc = _need_lib().gnutls_certificate_set_x509_crl_file(
+            self._cred, os.fsencode(crl), _X509_FMT_PEM)
+        if rc < 0:
+            raise ValueError(_strerror(rc))
+        if rc == 0:
+            raise ValueError("no CRL in the file")
+        self.crl_issuers = issuers
+
     def free(self) -> None:
         """Release the GnuTLS objects; only once no session uses them."""
         lib = _lib
@@ -410,10 +526,10 @@ def server_context(profile: ServerProfile) -> GnuTLSContext:
     if profile.verify_client not in SERVER_VERIFY_MODES:
         raise ConfigError(f"{where}: verify_client {profile.verify_client!r} is not one of "
                           f"{', '.join(SERVER_VERIFY_MODES)}")
-    prio = ["NORMAL", _versions(profile.min_version, profile.max_version)]
-    if profile.ciphers:
-        prio.append(_cipher_priority(profile, profile.ciphers))
-    prio.append("%SERVER_PRECEDENCE")
+    prio = ["NORMAL", _versions(profile.min_version, profile.max_version),
+            _cipher_priority(profile),
+            _group_priority(where, profile.groups) if profile.groups else "",
+            "%SERVER_PRECEDENCE"]
     try:
         ctx = GnuTLSContext(
             server_side=True,
@@ -421,6 +537,7 @@ def server_context(profile: ServerProfile) -> GnuTLSContext:
             verify=profile.verify_client,
             alpn=profile.alpn,
             verify_depth=profile.verify_depth,
+            name=profile.name,
         )
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
@@ -432,16 +549,38 @@ def server_context(profile: ServerProfile) -> GnuTLSContext:
             f"{where}: certificate {profile.certificate} and key {profile.private_key} "
             f"cannot be used: {exc}"
         ) from None
-    if profile.ca_list is not None:
-        try:
-            ctx.load_trust(profile.ca_list)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: CA list {profile.ca_list} unusable: {exc}") from None
+    _trust(where, ctx, profile)
     try:
         ctx.local_cert = cert_info_from_pem_file(profile.certificate)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{where}: certificate {profile.certificate}: {exc}") from None
     return ctx
+
+
+def _trust(where: str, ctx: GnuTLSContext, profile: ServerProfile) -> None:
+    steps = [("CA list", profile.ca_list, ctx.load_trust),
+             ("CA path", profile.ca_path, ctx.load_trust_dir)]
+    if profile.crl is not None:
+        issuers = frozenset(c.issuer.public_bytes() for c in pem_crls(where, profile.crl))
+        steps.append(("CRL", profile.crl, functools.partial(ctx.load_crl, issuers=issuers)))
+    for what, path, load in steps:
+        if path is None:
+            continue
+        try:
+            load(path)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {what} {path} unusable: {exc}") from None
+
+
+def listener_context(
+    default: ServerProfile, sni_profiles: Sequence[ServerProfile], *, strict: bool
+) -> GnuTLSContext:
+    """The default profile's context, with the profiles sessions choose from by SNI (daemon/
+    sni.py); with `strict`, a name none serves is refused with unrecognized_name."""
+    base = server_context(default)
+    base.sni = SniRouter(base, ((p.server_names, server_context(p)) for p in sni_profiles),
+                         strict=strict)
+    return base
 
 
 def client_context(
@@ -483,8 +622,8 @@ class _State:
     """What the C callbacks touch; they hold this, not the engine, so no cycle keeps it."""
 
     __slots__ = (
-        "callback_error", "eof", "hostname", "inbuf", "out", "server_side", "session",
-        "verified", "verify", "verify_error",
+        "callback_error", "crl_issuers", "eof", "hostname", "inbuf", "out", "profile", "refused",
+        "server_side", "session", "verified", "verify", "verify_error",
     )
 
     def __init__(self, server_side: bool, verify: str, hostname: str | None) -> None:
@@ -498,9 +637,12 @@ class _State:
         self.verified = False
         self.verify_error: str | None = None
         self.callback_error: str | None = None
+        self.crl_issuers: frozenset[bytes] = frozenset()
+        self.profile = ""  # the name of the profile serving this session
+        self.refused: str | None = None  # why the SNI was refused
 
 
-def _callbacks(st: _State) -> tuple[Any, Any, Any, Any]:
+def _callbacks(st: _State, sni: SniRouter[GnuTLSContext] | None) -> tuple[Any, ...]:
     lib = _need_lib()
 
     def fail(where: str, exc: BaseException) -> int:
@@ -547,13 +689,42 @@ def _callbacks(st: _State) -> tuple[Any, Any, Any, Any]:
             st.verify_error = f"verify callback failed: {exc!r}"
             return -1
 
-    return _PushFunc(push), _PullFunc(pull), _PullTimeoutFunc(pull_timeout), _VerifyFunc(verify)
+    def hello(_session: Any) -> int:
+        # Called again for the second ClientHello after a HelloRetryRequest: same answer.
+        try:
+            assert sni is not None
+            name = _server_name(lib, st.session)
+            chosen = sni.choose(name)
+            if chosen is None:
+                st.refused = refusal(name)
+                return _E_UNRECOGNIZED_NAME
+            _serve_with(lib, st, chosen)
+            return 0
+        except BaseException as exc:
+            st.callback_error = f"SNI callback failed: {exc!r}"
+            return _E_INTERNAL_ERROR
+
+    return (_PushFunc(push), _PullFunc(pull), _PullTimeoutFunc(pull_timeout),
+            _VerifyFunc(verify), _HelloFunc(hello))
+
+
+def _serve_with(lib: ctypes.CDLL, st: _State, ctx: GnuTLSContext) -> None:
+    """Put a server profile's priorities, credentials and certificate request on a session."""
+    s = st.session
+    _check(lib.gnutls_priority_set(s, ctx._prio), "priority")
+    _check(lib.gnutls_credentials_set(s, _CRD_CERTIFICATE, ctx._cred), "credentials")
+    request = {"off": _CERT_IGNORE, "on": _CERT_REQUIRE}.get(ctx.verify, _CERT_REQUEST)
+    lib.gnutls_certificate_server_set_request(s, request)
+    st.verify = ctx.verify
+    st.crl_issuers = ctx.crl_issuers
+    st.profile = ctx.name
 
 
 def _verify_peer(lib: ctypes.CDLL, st: _State) -> int:
     """Called by GnuTLS once the peer's certificate arrived; non-zero aborts the handshake."""
     count = c_uint()
-    if not lib.gnutls_certificate_get_peers(st.session, byref(count)) or not count.value:
+    certs = lib.gnutls_certificate_get_peers(st.session, byref(count))
+    if st.verify == "off" or not certs or not count.value:
         return 0  # nothing sent: GNUTLS_CERT_REQUIRE already refuses that when it must
     data = [_TypedVData(
         _DT_KEY_PURPOSE_OID,
@@ -574,10 +745,34 @@ def _verify_peer(lib: ctypes.CDLL, st: _State) -> int:
         st.verify_error = _strerror(rc)
     elif status.value:
         st.verify_error = _status_text(status.value)
+    elif st.crl_issuers and _issuer(certs[0]) not in st.crl_issuers:
+        st.verify_error = "unable to get certificate CRL"  # OpenSSL's words for it
     else:
         st.verified = True
         return 0
     return 0 if st.verify == "optional_no_ca" else -1
+
+
+def _server_name(lib: ctypes.CDLL, s: c_void_p) -> str | None:
+    """The DNS name the client sent as SNI (server side), or None."""
+    size = c_size_t(256)
+    for _ in range(2):
+        buf = ctypes.create_string_buffer(size.value + 1)
+        kind = c_uint()
+        rc = lib.gnutls_server_name_get(s, buf, byref(size), byref(kind), 0)
+        if rc == _E_SHORT_MEMORY_BUFFER:
+            continue
+        if rc < 0 or kind.value != _NAME_DNS:
+            return None
+        return buf.raw[: size.value].decode("ascii", "replace")
+    return None
+
+
+def _issuer(cert: _Datum) -> bytes:
+    from cryptography import x509
+
+    der = ctypes.string_at(cert.data, cert.size)
+    return x509.load_der_x509_certificate(der).issuer.public_bytes()
 
 
 
@@ -593,14 +788,17 @@ class GnuTLSEngine(TlsEngine):
         server_hostname: str | None = None,
         sni: str | None = None,
         local_cert: CertInfo | None = None,
+        local_by_profile: dict[str, CertInfo] | None = None,
     ) -> None:
         """The side comes from `ctx`. `server_hostname` is checked against the server's
         certificate and is the default SNI (never for an IP literal); `sni` overrides the
-        name sent, "" sends none."""
+        name sent, "" sends none. `local_by_profile`: our certificate by profile name, for
+        a context that chooses profiles by SNI."""
         self._session: c_void_p | None = None
         lib = _need_lib()
         self._ctx = ctx  # the credentials must outlive the session
         self._local_cert = local_cert if local_cert is not None else ctx.local_cert
+        self._local_by_profile = local_by_profile or {}
         self._failure: TlsError | None = None
         self._sni: str | None = None
         server = ctx.server_side
@@ -608,24 +806,26 @@ class GnuTLSEngine(TlsEngine):
         flags = (_SERVER if server else _CLIENT) | _NONBLOCK | _NO_SIGNAL | _NO_TICKETS
         _check(lib.gnutls_init(byref(st.session), flags), "session")
         self._session = st.session
-        self._callbacks = _callbacks(st)  # ctypes frees a callback with its last reference
-        push, pull, pull_timeout, verify = self._callbacks
+        # ctypes frees a callback with its last reference
+        self._callbacks = _callbacks(st, ctx.sni if server else None)
+        push, pull, pull_timeout, verify, hello = self._callbacks
         s = st.session
-        _check(lib.gnutls_priority_set(s, ctx._prio), "priority")
-        _check(lib.gnutls_credentials_set(s, _CRD_CERTIFICATE, ctx._cred), "credentials")
         lib.gnutls_handshake_set_timeout(s, 0)  # the relay times handshakes out itself
         lib.gnutls_transport_set_push_function(s, push)
         lib.gnutls_transport_set_pull_function(s, pull)
         lib.gnutls_transport_set_pull_timeout_function(s, pull_timeout)
-        if ctx.verify != "off":
+        if ctx.verify != "off" or ctx.sni is not None:  # an SNI profile may verify
             lib.gnutls_session_set_verify_function(s, verify)
         if server:
-            request = {"off": _CERT_IGNORE, "on": _CERT_REQUIRE}.get(ctx.verify, _CERT_REQUEST)
-            lib.gnutls_certificate_server_set_request(s, request)
+            _serve_with(lib, st, ctx)
+            if ctx.sni is not None:
+                lib.gnutls_handshake_set_post_client_hello_function(s, hello)
             # OpenSSL servers send no CA names either; with them a GnuTLS client withholds
             # a certificate from another CA, which optional_no_ca exists to accept.
             lib.gnutls_certificate_send_x509_rdn_sequence(s, 1)
         else:
+            _check(lib.gnutls_priority_set(s, ctx._prio), "priority")
+            _check(lib.gnutls_credentials_set(s, _CRD_CERTIFICATE, ctx._cred), "credentials")
             if sni is None and server_hostname and not is_ip(server_hostname):
                 sni = server_hostname
             if sni:
@@ -668,6 +868,8 @@ class GnuTLSEngine(TlsEngine):
             return TlsError("eof_in_handshake", "peer closed during the handshake")
         # Tell the peer why, as OpenSSL does; GnuTLS leaves that to the caller.
         _need_lib().gnutls_alert_send_appropriate(self._live_session(), rc)
+        if st.refused:
+            return TlsError("sni_refused", st.refused)
         if st.callback_error:
             return TlsError("handshake_failed", st.callback_error)
         if st.verify_error and rc in (_E_CERTIFICATE_ERROR, _E_CERTIFICATE_VERIFICATION_ERROR):
@@ -797,14 +999,14 @@ class GnuTLSEngine(TlsEngine):
             version=version.replace("TLS1.", "TLSv1.", 1),
             cipher=self._cipher_name(lib, s, cipher, tls13),
             cipher_bits=int(lib.gnutls_cipher_get_key_size(cipher)) * 8,
-            sni=self._server_sni(lib, s) if self._ctx.server_side else self._sni,
+            sni=_server_name(lib, s) if self._ctx.server_side else self._sni,
             alpn=self._alpn(lib, s),
             resumed=bool(lib.gnutls_session_is_resumed(s)),
             peer_cert_present=peer_der is not None,
             peer_verified=verified,
             verify_error=verify_error,
             peer=peer,
-            local=self._local_cert,
+            local=self._local_by_profile.get(self._st.profile, self._local_cert),
             engine=self.name,
         )
 
@@ -832,20 +1034,6 @@ class GnuTLSEngine(TlsEngine):
         iana = getattr(lib, "gnutls_ciphersuite_get", None)
         raw = iana(s) if iana is not None else None
         return raw.decode() if raw else fallback
-
-    @staticmethod
-    def _server_sni(lib: ctypes.CDLL, s: c_void_p) -> str | None:
-        size = c_size_t(256)
-        for _ in range(2):
-            buf = ctypes.create_string_buffer(size.value + 1)
-            kind = c_uint()
-            rc = lib.gnutls_server_name_get(s, buf, byref(size), byref(kind), 0)
-            if rc == _E_SHORT_MEMORY_BUFFER:
-                continue
-            if rc < 0 or kind.value != _NAME_DNS:
-                return None
-            return buf.raw[: size.value].decode("ascii", "replace")
-        return None
 
     @staticmethod
     def _alpn(lib: ctypes.CDLL, s: c_void_p) -> str | None:

@@ -1,17 +1,25 @@
 """The `pyopenssl` engine: pyOpenSSL (the OpenSSL bundled with `cryptography`) on memory BIOs.
 
 Unlike the stdlib `ssl` module it can request a client certificate, accept it whatever the
-verification says and report the verdict: verify_client = "optional_no_ca".
+verification says and report the verdict: verify_client = "optional_no_ca"; it also restricts
+TLS 1.3 suites and takes a list of groups.
+
+SNI profiles: each profile has its own Context and the connection switches to the chosen one
+in the server-name callback. OpenSSL takes the certificate, trust store (CA list, CRLs), TLS 1.2
+ciphers and ALPN from the new Context, but keeps the verify mode (set again on the connection
+here) and what it fixed before the callback: versions, TLS 1.3 suites, groups and verify depth,
+which the registry therefore wants equal across a listener's profiles.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
@@ -20,6 +28,8 @@ from OpenSSL import SSL, crypto
 from tlsbridge.daemon import keylog
 from tlsbridge.daemon.config import ConfigError, ServerProfile
 from tlsbridge.daemon.engines.base import READ_CHUNK, TlsEngine, TlsError
+from tlsbridge.daemon.engines.registry import listed, pem_crls
+from tlsbridge.daemon.sni import SniRouter, refusal
 from tlsbridge.shared.addr import is_ip
 from tlsbridge.shared.facts import (
     VERIFY_ERROR_NO_PEER_CERT,
@@ -28,7 +38,7 @@ from tlsbridge.shared.facts import (
     TlsFacts,
 )
 
-__all__ = ["PyOpenSSLEngine", "client_context", "server_context"]
+__all__ = ["PyOpenSSLEngine", "client_context", "listener_context", "server_context"]
 
 SERVER_VERIFY_MODES = ("off", "optional", "on", "optional_no_ca")
 _VERSIONS = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
@@ -46,18 +56,21 @@ _SERVER_OPTIONS = (
     | SSL.OP_NO_TICKET
     | getattr(SSL, "OP_NO_RENEGOTIATION", 0)
 )
+_ALERT_UNRECOGNIZED_NAME = 112  # RFC 6066
 
 
 class _ConnState:
     """Per-connection data that the context-wide callbacks reach through app data."""
 
-    __slots__ = ("hostname", "rejected", "sni", "verify_error")
+    __slots__ = ("failure", "hostname", "profile", "rejected", "sni", "verify_error")
 
     def __init__(self, hostname: str | None) -> None:
         self.hostname = hostname
         self.sni: str | None = None
         self.verify_error: str | None = None  # the first problem found, even if accepted
         self.rejected = False  # the verify callback failed the handshake
+        self.profile: str | None = None  # the SNI profile serving this connection
+        self.failure: TlsError | None = None  # why the server-name callback refused
 
 
 def _reasons(exc: Exception) -> str:
@@ -172,8 +185,16 @@ def _load_key(ctx: SSL.Context, path: str | os.PathLike[str], password: str | No
     ctx.use_privatekey(key)  # type: ignore[arg-type]
 
 
-def server_context(profile: ServerProfile) -> SSL.Context:
-    """A server context for `profile`; raises ConfigError naming the profile and the file."""
+class _Served(NamedTuple):
+    """One profile's server side: what choosing it by SNI puts on a connection."""
+
+    name: str
+    ctx: SSL.Context
+    verify_mode: int
+    verify_callback: Callable[..., bool] | None
+
+
+def _served(profile: ServerProfile) -> _Served:
     where = f"profile '{profile.name}'"
     if profile.verify_client not in SERVER_VERIFY_MODES:
         raise ConfigError(f"{where}: verify_client {profile.verify_client!r} is not one of "
@@ -192,29 +213,142 @@ def server_context(profile: ServerProfile) -> SSL.Context:
             f"{where}: certificate {profile.certificate} and key {profile.private_key} "
             f"cannot be used: {_reasons(exc)}"
         ) from None
-    if profile.ca_list is not None:
-        try:
-            ctx.load_verify_locations(str(profile.ca_list))
-        except SSL.Error as exc:
-            raise ConfigError(
-                f"{where}: CA list {profile.ca_list} unusable: {_reasons(exc)}"
-            ) from None
+    _trust(where, ctx, profile)
     mode = _VERIFY_FLAGS[profile.verify_client]
+    callback = None
     if mode == SSL.VERIFY_NONE:
         ctx.set_verify(mode)
     else:
-        ctx.set_verify(mode, _verify_callback(profile.verify_client == "optional_no_ca"))
-        ctx.set_verify_depth(profile.verify_depth)
+        callback = _verify_callback(profile.verify_client == "optional_no_ca")
+        ctx.set_verify(mode, callback)
+    # Even when not verifying: a connection switched by SNI to a profile that verifies keeps
+    # the depth of the context it started with.
+    ctx.set_verify_depth(profile.verify_depth)
     if profile.ciphers:
         try:
             ctx.set_cipher_list(profile.ciphers.encode("ascii"))
         except (SSL.Error, UnicodeEncodeError):
             raise ConfigError(f"{where}: no usable cipher in '{profile.ciphers}'") from None
+    if profile.tls13_ciphersuites:
+        _tls13_suites(where, ctx, profile.tls13_ciphersuites)
+    if profile.groups:
+        _groups(where, ctx, profile.groups)
     if profile.alpn:
         ctx.set_alpn_select_callback(_select_alpn([p.encode() for p in profile.alpn]))
-    ctx.set_tlsext_servername_callback(_remember_sni)
     _keylog(ctx)
+    return _Served(profile.name, ctx, mode, callback)
+
+
+def _trust(where: str, ctx: SSL.Context, profile: ServerProfile) -> None:
+    for what, cafile, capath in (("CA list", profile.ca_list, None),
+                                 ("CA path", None, profile.ca_path)):
+        if cafile is None and capath is None:
+            continue
+        try:
+            ctx.load_verify_locations(cafile and os.fspath(cafile), capath and os.fspath(capath))
+        except SSL.Error as exc:
+            raise ConfigError(f"{where}: {what} {cafile or capath} unusable: "
+                              f"{_reasons(exc)}") from None
+    if profile.crl is not None:
+        store = ctx.get_cert_store()
+        assert store is not None  # every SSL_CTX has one
+        for crl in pem_crls(where, profile.crl):
+            store.add_crl(crl)
+        # As the openssl engine (VERIFY_CRL_CHECK_LEAF): the peer's own certificate is checked,
+        # and a CRL of its issuer must be there.
+        store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+
+
+def _tls13_suites(where: str, ctx: SSL.Context, suites: str) -> None:
+    names = listed(where, "tls13_ciphersuites", suites)
+    # OpenSSL drops the names it does not know as long as one is left: ask it what it kept.
+    probe = SSL.Context(SSL.TLS_SERVER_METHOD)
+    try:
+        probe.set_tls13_ciphersuites(":".join(names).encode("ascii"))
+        kept = set(SSL.Connection(probe, None).get_cipher_list())
+    except SSL.Error:
+        kept = set()
+    unknown = [n for n in names if n not in kept]
+    if unknown:
+        raise ConfigError(f"{where}: 'tls13_ciphersuites': unknown TLS 1.3 suite "
+                          f"{unknown[0]!r}")
+    ctx.set_tls13_ciphersuites(":".join(names).encode("ascii"))
+
+
+def _groups(where: str, ctx: SSL.Context, groups: str) -> None:
+    # pyOpenSSL has set_tmp_ecdh for one curve only; cryptography's binding has the list call.
+    from OpenSSL._util import lib
+
+    names = listed(where, "groups", groups)
+    setter = getattr(lib, "SSL_CTX_set1_curves_list", None)
+    if setter is None:
+        raise ConfigError(f"{where}: 'groups' needs SSL_CTX_set1_curves_list, which this "
+                          "cryptography build does not expose")
+    probe = SSL.Context(SSL.TLS_SERVER_METHOD)
+    for name in names:
+        if setter(probe._context, name.encode("ascii")) != 1:
+            lib.ERR_clear_error()  # or pyOpenSSL reports it with the next unrelated error
+            raise ConfigError(f"{where}: 'groups': unknown group {name!r}")
+    if setter(ctx._context, ":".join(names).encode("ascii")) != 1:
+        lib.ERR_clear_error()
+        raise ConfigError(f"{where}: 'groups': OpenSSL refuses {groups!r}")
+
+
+def server_context(profile: ServerProfile) -> SSL.Context:
+    """A server context for `profile`; raises ConfigError naming the profile and the file."""
+    ctx = _served(profile).ctx
+    ctx.set_tlsext_servername_callback(_remember_sni)
     return ctx
+
+
+def listener_context(
+    default: ServerProfile, sni_profiles: Sequence[ServerProfile], *, strict: bool
+) -> SSL.Context:
+    """The default profile's context; its server-name callback switches each connection to
+    the profile serving the name (daemon/sni.py), or refuses it with unrecognized_name when
+    `strict` and none does. Raises ConfigError naming the profile."""
+    base = _served(default)
+    router = SniRouter(base, ((p.server_names, _served(p)) for p in sni_profiles),
+                       strict=strict)
+    _on_server_name(base.ctx, functools.partial(_switch, router))
+    return base.ctx
+
+
+def _switch(router: SniRouter[_Served], conn: SSL.Connection) -> bool:
+    """Serve `conn` with the profile its SNI names; False refuses the handshake."""
+    state: _ConnState = conn.get_app_data()
+    _remember_sni(conn)
+    chosen = router.choose(state.sni)
+    if chosen is None:
+        state.failure = TlsError("sni_refused", refusal(state.sni))
+        return False
+    state.profile = chosen.name
+    if chosen is not router.default:
+        conn.set_context(chosen.ctx)
+        # SSL_set_SSL_CTX leaves the verify mode the connection was created with.
+        conn.set_verify(chosen.verify_mode, chosen.verify_callback)
+    return True
+
+
+def _on_server_name(ctx: SSL.Context, choose: Callable[[SSL.Connection], bool]) -> None:
+    """Context.set_tlsext_servername_callback, able to refuse: pyOpenSSL's own wrapper only
+    refuses when the callback raises, and then prints a traceback for every such handshake."""
+    from OpenSSL._util import ffi, lib
+
+    def callback(ssl: Any, alert: Any, _arg: Any) -> int:
+        try:
+            if choose(SSL.Connection._reverse_mapping[ssl]):
+                return int(lib.SSL_TLSEXT_ERR_OK)
+        except Exception as exc:  # never let an exception cross into OpenSSL
+            with contextlib.suppress(Exception):
+                state = SSL.Connection._reverse_mapping[ssl].get_app_data()
+                state.failure = TlsError("handshake_failed", f"SNI callback failed: {exc!r}")
+        alert[0] = _ALERT_UNRECOGNIZED_NAME
+        return int(lib.SSL_TLSEXT_ERR_ALERT_FATAL)
+
+    # Kept where pyOpenSSL keeps its own, so the callback lives as long as the context.
+    ctx._tlsext_servername_callback = ffi.callback("int (*)(SSL *, int *, void *)", callback)
+    lib.SSL_CTX_set_tlsext_servername_callback(ctx._context, ctx._tlsext_servername_callback)
 
 
 def client_context(
@@ -265,13 +399,16 @@ class PyOpenSSLEngine(TlsEngine):
         server_hostname: str | None = None,
         sni: str | None = None,
         local_cert: CertInfo | None = None,
+        local_by_profile: dict[str, CertInfo] | None = None,
     ) -> None:
         """`server_hostname` is checked against the server's certificate and is the default
-        SNI (never for an IP literal); `sni` overrides the name sent, "" sends none."""
+        SNI (never for an IP literal); `sni` overrides the name sent, "" sends none.
+        `local_by_profile`: our certificate by profile name, for contexts that switch by SNI."""
         self._conn = SSL.Connection(ctx, None)
         self._state = _ConnState(None if server_side else server_hostname)
         self._conn.set_app_data(self._state)
         self._local_cert = local_cert
+        self._local_by_profile = local_by_profile or {}
         self._eof = False
         self._failure: TlsError | None = None
         if server_side:
@@ -311,7 +448,9 @@ class PyOpenSSLEngine(TlsEngine):
         except SSL.WantReadError:
             return False
         except SSL.Error as exc:
-            if self._state.rejected:
+            if self._state.failure is not None:
+                failure = self._state.failure
+            elif self._state.rejected:
                 failure = TlsError("verify_failed", self._state.verify_error or _reasons(exc))
             elif self._is_eof(exc):
                 failure = TlsError("eof_in_handshake", "peer closed during the handshake")
@@ -389,7 +528,7 @@ class PyOpenSSLEngine(TlsEngine):
                 peer = cert_info_from_der(cert.to_cryptography().public_bytes(Encoding.DER))
         if cert is None:
             verified, verify_error = False, VERIFY_ERROR_NO_PEER_CERT
-        elif self._conn.get_context().get_verify_mode() == SSL.VERIFY_NONE:
+        elif self._conn.get_verify_mode() == SSL.VERIFY_NONE:
             verified, verify_error = False, VERIFY_ERROR_NOT_VERIFIED
         else:
             verify_error = self._state.verify_error
@@ -406,6 +545,6 @@ class PyOpenSSLEngine(TlsEngine):
             peer_verified=verified,
             verify_error=verify_error,
             peer=peer,
-            local=self._local_cert,
+            local=self._local_by_profile.get(self._state.profile or "", self._local_cert),
             engine=self.name,
         )

@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cryptography import x509
 
 from tlsbridge.daemon.certinfo import cert_info_from_pem_file
-from tlsbridge.daemon.config import ConfigError, ServerProfile
+from tlsbridge.daemon.config import ClientProfile, ConfigError, ServerProfile
 from tlsbridge.daemon.engines.base import TlsEngine
 from tlsbridge.daemon.engines.openssl import OpenSSLEngine
 from tlsbridge.shared.facts import CertInfo
 
-__all__ = ["ENGINES", "available", "client_engine", "server_engine_factory"]
+__all__ = [
+    "ENGINES", "available", "client_engine", "listener_engine_factory", "server_engine_factory",
+]
 
 ENGINES = ("openssl", "pyopenssl", "gnutls")
 # The stdlib ssl module cannot accept a certificate that failed verification.
@@ -28,18 +34,59 @@ PathLike = str | os.PathLike[str]
 
 
 # Profile keys an engine does not implement yet: refused, never silently ignored (a CRL that
-# is not checked would let revoked certificates in).
-_NOT_YET = {
-    "pyopenssl": ("crl", "ca_path", "tls13_ciphersuites", "groups"),
-    "gnutls": ("crl", "ca_path", "tls13_ciphersuites", "groups"),
+# is not checked would let revoked certificates in). Client profiles of these engines go
+# through client_engine(), which takes none of these keys.
+_NOT_YET_CLIENT = {
+    "pyopenssl": ("crl", "ca_path", "tls13_ciphersuites"),
+    "gnutls": ("crl", "ca_path", "tls13_ciphersuites"),
+}
+_NOT_YET_SERVER: dict[str, tuple[str, ...]] = {}
+
+# What an engine fixes before it learns the SNI, so a listener's SNI profiles must agree with
+# its default profile on it (the pyopenssl and gnutls modules say why; Python's ssl cannot
+# set the verify mode of a connection, and OpenSSL keeps the one of the first context).
+_FIXED_BEFORE_SNI = {
+    "openssl": ("verify_client", "crl"),
+    "pyopenssl": ("min_version", "max_version", "tls13_ciphersuites", "groups", "verify_depth"),
+    "gnutls": ("min_version", "max_version", "alpn"),
 }
 
 
-def refuse_unsupported(name: str, profile: object, where: str) -> None:
-    for key in _NOT_YET.get(name, ()):
+def refuse_unsupported(name: str, profile: ServerProfile | ClientProfile, where: str) -> None:
+    """Raise ConfigError if `profile` sets a key engine `name` cannot honour."""
+    not_yet = _NOT_YET_CLIENT if isinstance(profile, ClientProfile) else _NOT_YET_SERVER
+    for key in not_yet.get(name, ()):
         if getattr(profile, key, None):
             raise ConfigError(f"{where}: engine {name} does not support '{key}' yet; "
                               "use engine openssl for this profile")
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def listed(where: str, key: str, value: str) -> list[str]:
+    """The names of an OpenSSL-style list ("A:B"); each must be a plain name (no OpenSSL
+    operators such as `?name`, which would ignore an unknown one). Raises ConfigError."""
+    names = [n.strip() for n in value.split(":")]
+    for n in names:
+        if not _NAME.fullmatch(n):
+            raise ConfigError(f"{where}: '{key}': {n!r} is not a name (in {value!r})")
+    return names
+
+
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
+
+
+def pem_crls(where: str, path: PathLike) -> list[x509.CertificateRevocationList]:
+    """Every CRL of a PEM file; none at all is an error. Raises ConfigError."""
+    try:
+        blocks = _PEM_CRL.findall(Path(path).read_bytes())
+        crls = [x509.load_pem_x509_crl(b) for b in blocks]
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{where}: CRL {os.fspath(path)} unusable: {exc}") from None
+    if not crls:
+        raise ConfigError(f"{where}: CRL {os.fspath(path)} unusable: no PEM CRL in it")
+    return crls
 
 
 def usable_certificate(where: str, path: PathLike) -> CertInfo:
@@ -124,24 +171,41 @@ def listener_engine_factory(
     """Like server_engine_factory, for a listener that picks a profile by SNI."""
     if not sni_profiles and not strict_sni:
         return server_engine_factory(name, default)
-    where = f"profile '{default.name}'"
-    _require(name, where)
-    if name != "openssl":
-        raise ConfigError(f"{where}: engine {name} cannot choose profiles by SNI yet "
-                          "(use engine openssl for listeners with 'profiles' or 'strict_sni')")
-    from tlsbridge.daemon.tls_context import listener_context
-
-    for p in sni_profiles:
-        if (p.verify_client, p.crl) != (default.verify_client, default.crl):
-            # OpenSSL keeps the first context's verification when SNI switches contexts.
-            raise ConfigError(
-                f"profile '{p.name}': engine openssl needs the same verify_client and crl as "
-                f"the listener's default profile '{default.name}' (or use one listener each)")
+    _require(name, f"profile '{default.name}'")
+    _same_before_sni(name, default, sni_profiles)
+    for p in (default, *sni_profiles):
+        refuse_unsupported(name, p, f"profile '{p.name}'")
     local = {p.name: usable_certificate(f"profile '{p.name}'", p.certificate)
              for p in (default, *sni_profiles)}
-    ctx = listener_context(default, sni_profiles, strict=strict_sni)
-    return functools.partial(OpenSSLEngine, ctx, server_side=True,
-                             local_cert=local[default.name], local_by_profile=local)
+    if name == "openssl":
+        from tlsbridge.daemon.tls_context import listener_context
+
+        return functools.partial(
+            OpenSSLEngine, listener_context(default, sni_profiles, strict=strict_sni),
+            server_side=True, local_cert=local[default.name], local_by_profile=local)
+    if name == "pyopenssl":
+        from tlsbridge.daemon.engines import pyopenssl
+
+        return functools.partial(
+            pyopenssl.PyOpenSSLEngine,
+            pyopenssl.listener_context(default, sni_profiles, strict=strict_sni),
+            server_side=True, local_cert=local[default.name], local_by_profile=local)
+    from tlsbridge.daemon.engines import gnutls
+
+    return functools.partial(
+        gnutls.GnuTLSEngine, gnutls.listener_context(default, sni_profiles, strict=strict_sni),
+        local_cert=local[default.name], local_by_profile=local)
+
+
+def _same_before_sni(name: str, default: ServerProfile,
+                     sni_profiles: Sequence[ServerProfile]) -> None:
+    for p in sni_profiles:
+        for key in _FIXED_BEFORE_SNI[name]:
+            if getattr(p, key) != getattr(default, key):
+                raise ConfigError(
+                    f"profile '{p.name}': engine {name} settles '{key}' before it sees the SNI, "
+                    f"so it must be the same as in the listener's default profile "
+                    f"'{default.name}' (or use one listener each)")
 
 
 def _openssl_client(

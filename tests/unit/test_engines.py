@@ -705,12 +705,3 @@ def test_eof_after_data_already_read(cli_engine: str, srv_engine: str, certs: Pa
     srv.receive_eof()
     assert srv.read() == b""
     assert srv.peer_closed
-
-
-@pytest.mark.parametrize("engine", ["pyopenssl", "gnutls"])
-def test_keys_an_engine_cannot_do_are_refused_not_ignored(certs: Path, engine: str) -> None:
-    if AVAILABLE[engine] is not None:
-        pytest.skip(f"{engine} unavailable here")
-    with pytest.raises(ConfigError, match=r"does not support 'crl'"):
-        server_engine_factory(engine, profile(certs, ca_list=certs / "ca.pem",
-                                              verify_client="on", crl=certs / "ca.pem"))
