@@ -23,6 +23,7 @@ from tlsbridge.daemon.channels import ControlServer, EventSink, unlink
 from tlsbridge.daemon.lookup_server import LookupServer
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
+from tlsbridge.shared import factsmap
 from tlsbridge.shared.addr import default_sni
 from tlsbridge.shared.events import ConnRef, EventEncoder
 from tlsbridge.shared.facts import TlsFacts
@@ -73,6 +74,8 @@ class Hub:
         self._events: EventSink | None = None
         self._control: ControlServer | None = None
         self._lookup: LookupServer | None = None
+        self._facts_map: factsmap.FactsMapWriter | None = None
+        self._map_slots: dict[int, tuple[int, int]] = {}  # conn id -> (port, index slot)
         self.connector: Connector | None = None
         self.reloader: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
@@ -81,6 +84,10 @@ class Hub:
     def start(self) -> None:
         private_run_dir(self.config.run_dir)
         hwm = self.config.events_hwm
+        map_path = factsmap.facts_map_of(self.config.run_dir)
+        if self.worker is None:
+            factsmap.create(map_path, regions=1)
+        self._facts_map = factsmap.FactsMapWriter(map_path, self.worker[0] if self.worker else 0)
         if self.worker is None:
             self._events = EventSink.publisher(self.config.events_endpoint, hwm, self._dropped)
             self._control = ControlServer.router(self._ctx, self.config.control_endpoint,
@@ -120,8 +127,11 @@ class Hub:
             self._events.close()
         if self._lookup is not None:
             self._lookup.close()
+        if self._facts_map is not None:
+            self._facts_map.close()
         self._ctx.term()
         if self.worker is None:
+            factsmap.remove(factsmap.facts_map_of(self.config.run_dir))
             unlink(self.config.events_endpoint)
             unlink(self.config.control_endpoint)
 
@@ -167,9 +177,18 @@ class Hub:
         self.conns[conn.id] = conn
         self.counters["accepted"] += 1
 
-    def index_hairpin(self, conn: Connection) -> None:
-        if conn.hairpin_key:
-            self.by_hairpin[conn.hairpin_key] = conn
+    def index_hairpin(self, conn: Connection, port: int) -> None:
+        """Make the facts of `conn`, whose hairpin leaves from `port`, findable: call before
+        its PROXY header goes out, since Kamailio's workers may look them up from then on."""
+        assert conn.hairpin_key is not None
+        self.by_hairpin[conn.hairpin_key] = conn
+        if self._facts_map is not None and conn.facts is not None:
+            entry = facts_entry(conn.ref.to_dict(), conn.facts.to_dict())
+            slot = self._facts_map.put(port, entry)
+            if slot:
+                self._map_slots[conn.id] = (port, slot)
+            else:
+                self.counters["facts_map_too_big"] += 1
 
     def unregister(self, conn: Connection) -> None:
         if self.conns.pop(conn.id, None) is not None:
@@ -177,6 +196,11 @@ class Hub:
             self.counters["bytes_out_closed"] += conn.bytes_out
         if conn.hairpin_key and self.by_hairpin.get(conn.hairpin_key) is conn:
             del self.by_hairpin[conn.hairpin_key]
+        mapped = self._map_slots.pop(conn.id, None)
+        if mapped is not None and self._facts_map is not None:
+            # Before the hairpin's socket is closed (the loop closes it later), so its port
+            # cannot have been taken by a new hairpin whose entry this would clear.
+            self._facts_map.clear(*mapped)
 
     def find(self, *, id: int | None = None, hairpin: str | None = None,
              peer: str | None = None) -> Connection | None:

@@ -106,7 +106,13 @@ class Relay(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._tls = transport
         self.started = loop.time()
-        self.peer = transport.get_extra_info("peername")[:2]
+        peername = transport.get_extra_info("peername")
+        if peername is None:  # reset before we saw it: nothing was read, nobody to tell
+            self.state = State.CLOSED
+            self.hub.counters["reset_before_accept"] += 1
+            transport.abort()
+            return
+        self.peer = peername[:2]
         transport.set_write_buffer_limits(high=self.config.max_buffer)
         refusal = self._admit()
         if refusal is not None:
@@ -234,8 +240,9 @@ class Relay(asyncio.Protocol):
         """The hairpin's local address is the correlation key Kamailio sees as
         $tcp(c_si):$tcp(c_sp): publish the facts under it before the PROXY header, i.e. before
         Kamailio (tcp_defer_accept) can see a single message of this connection."""
-        self.hairpin_key = format_addr(*sock.getsockname()[:2])
-        self.hub.index_hairpin(self)
+        host, port = sock.getsockname()[:2]
+        self.hairpin_key = format_addr(host, port)
+        self.hub.index_hairpin(self, port)
         self.hub.publish(ev.TLS_ESTABLISHED, self.ref, tls=self.facts)
 
     def _handshake_limit(self) -> float:

@@ -1,9 +1,10 @@
 """`TlsBridge`: what a KEMI routing script uses to see the TLS facts of the current message.
 
 Where the facts come from, fastest first: this worker's cache (by Kamailio's `$conid`), the
-htable the rtimer process fills from events, and a synchronous control `lookup` bounded by a
-short timeout for a first message that beat its event. Every process creates its own ZeroMQ
-sockets lazily, after fork; no threads are started (Kamailio holds the GIL while a worker idles).
+daemon's facts map in shared memory (written before the connection's first byte reaches
+Kamailio), htable if the rtimer process is told to fill it, and a look-up by datagram (or
+control request) bounded by a short timeout. Every process creates its own sockets and
+mappings lazily, after fork; no threads are started (Kamailio holds the GIL while a worker idles).
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ from tlsbridge.shared import events as ev
 from tlsbridge.shared.addr import format_addr
 from tlsbridge.shared.client import ControlClient
 from tlsbridge.shared.events import ConnRef, Event, SeqTracker, decode_event
-from tlsbridge.shared.facts import TlsFacts
+from tlsbridge.shared.facts import CertInfo, TlsFacts
+from tlsbridge.shared.factsmap import FactsMapReader
 from tlsbridge.shared.lookup import LookupClient, LookupUnavailable
 from tlsbridge.shared.settings import Trunk, load_settings
 
 DEFAULT_CONFIG = "/etc/tlsbridge/tlsbridge.toml"
 HTABLE = "tlsb"
 _CACHE_SIZE = 4096
+_LOCAL_CERTS = 64  # our own certificates, parsed once each (profiles x reloads)
 RESUME_RETRY_FOR = 2.0  # seconds to keep trying t_continue for a transaction not yet suspended
 
 
@@ -75,6 +78,7 @@ class TlsBridge(RoutingMixin):
         received_avp: str = "$avp(RECEIVED)",
         trunks: dict[str, Trunk] | None = None,
         lookup_socket: str | None = None,
+        facts_map: str | None = None,
         facts_in_htable: bool = False,
     ) -> None:
         settings_trunks: dict[str, Trunk] = {}
@@ -89,8 +93,10 @@ class TlsBridge(RoutingMixin):
             sip_address = sip_address or settings.sip_address
             settings_trunks = settings.trunks
             lookup_socket = lookup_socket if lookup_socket is not None else settings.lookup_socket
+            facts_map = facts_map if facts_map is not None else settings.facts_map
         self.trunks = dict(trunks if trunks is not None else settings_trunks)
         self.lookup_socket = lookup_socket or ""
+        self.facts_map = facts_map or ""
         # Off: each worker asks the daemon once per connection (one datagram each way) and
         # caches by $conid. On: the rtimer process also copies every connection's facts into
         # htable, which costs Kamailio ~0.1 ms per connection whether or not they are used.
@@ -108,13 +114,15 @@ class TlsBridge(RoutingMixin):
         self.max_drain = max_drain
         self._client: ControlClient | None = None
         self._lookup: LookupClient | None = None
+        self._map: FactsMapReader | None = None
+        self._local_certs: dict[str, CertInfo] = {}
         self._cache: OrderedDict[str, BridgeConnection] = OrderedDict()
         self._sub: zmq.Socket | None = None
         self._sub_pid = 0
         self._tracker = SeqTracker()
         self._handlers: dict[str, list[Callable[[Event], None]]] = {}
         self.stats: dict[str, int] = {
-            "cache_hits": 0, "htable_hits": 0, "lookups": 0, "lookup_failures": 0,
+            "cache_hits": 0, "map_hits": 0, "htable_hits": 0, "lookups": 0, "lookup_failures": 0,
             "events": 0, "events_lost": 0, "resyncs": 0, "bad_events": 0,
         }
 
@@ -124,6 +132,7 @@ class TlsBridge(RoutingMixin):
         """Call from the script's child_init: drops sockets inherited across fork."""
         self._client = None
         self._lookup = None
+        self._map = None
         self._sub = None
         self._cache.clear()
         return 0
@@ -148,9 +157,11 @@ class TlsBridge(RoutingMixin):
         if found is not None:
             self.stats["cache_hits"] += 1
             return found
-        key = format_addr(str(pv.get("$tcp(c_si)")), int(pv.get("$tcp(c_sp)")))
+        port = int(pv.get("$tcp(c_sp)"))
+        key = format_addr(str(pv.get("$tcp(c_si)")), port)
         peer = format_addr(str(pv.get("$si")), int(pv.get("$sp")))
-        found = (self.facts_in_htable and self._from_htable(key, peer)) or \
+        found = self._from_map(port, key, peer) or \
+            (self.facts_in_htable and self._from_htable(key, peer)) or \
             self._from_daemon(key, peer)
         if found is not None:
             self._cache[conid] = found
@@ -163,12 +174,35 @@ class TlsBridge(RoutingMixin):
         found = self.connection()
         return found.tls if found else None
 
+    def _from_map(self, port: int, key: str, peer: str) -> BridgeConnection | None:
+        if not self.facts_map:
+            return None
+        if self._map is None:
+            self._map = FactsMapReader(self.facts_map)
+        raw = self._map.get(port)
+        if raw is None:
+            return None
+        try:
+            found = self._parse(json.loads(raw))
+        except (ValueError, ev.EventError):
+            return None  # the look-up will say what is wrong
+        # The port's newest entry may be of an earlier hairpin from that port.
+        if found.conn.hairpin != key or found.conn.peer != peer:
+            return None
+        self.stats["map_hits"] += 1
+        return found
+
+    def _parse(self, entry: dict[str, Any]) -> BridgeConnection:
+        if len(self._local_certs) > _LOCAL_CERTS:
+            self._local_certs.clear()
+        return _parse_entry(entry, self._local_certs)
+
     def _from_htable(self, key: str, peer: str) -> BridgeConnection | None:
         raw = _ksr().htable.sht_get(self.htable, key)
         if not raw:
             return None
         try:
-            found = _parse_entry(json.loads(raw))
+            found = self._parse(json.loads(raw))
         except (ValueError, ev.EventError) as exc:
             _ksr().warn(f"tlsbridge: bad htable entry for {key}: {exc}\n")
             return None
@@ -181,7 +215,7 @@ class TlsBridge(RoutingMixin):
     def _from_daemon(self, key: str, peer: str) -> BridgeConnection | None:
         self.stats["lookups"] += 1
         try:
-            found = _parse_entry(self._ask_daemon(key))
+            found = self._parse(self._ask_daemon(key))
         except (ctl.ControlError, LookupUnavailable, ValueError, ev.EventError) as exc:
             self.stats["lookup_failures"] += 1
             _ksr().err(f"tlsbridge: no TLS facts for hairpin {key} (peer {peer}): {exc}\n")
@@ -339,11 +373,12 @@ class TlsBridge(RoutingMixin):
         return True
 
 
-def _parse_entry(d: dict[str, Any]) -> BridgeConnection:
+def _parse_entry(d: dict[str, Any],
+                 known_local: dict[str, CertInfo] | None = None) -> BridgeConnection:
     conn, tls = d.get("conn"), d.get("tls")
     if not isinstance(conn, dict) or not isinstance(tls, dict):
         raise ValueError("entry lacks conn or tls")
-    return BridgeConnection(ConnRef.from_dict(conn), TlsFacts.from_dict(tls))
+    return BridgeConnection(ConnRef.from_dict(conn), TlsFacts.from_dict(tls, known_local))
 
 
 def default_config_path(script_file: str) -> Path:

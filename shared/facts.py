@@ -240,12 +240,25 @@ class TlsFacts:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TlsFacts:
-        """Inverse of ``to_dict``; raises ValueError on a missing key or wrong type."""
+    def from_dict(cls, d: Mapping[str, Any],
+                  known_local: dict[str, CertInfo] | None = None) -> TlsFacts:
+        """Inverse of ``to_dict``; raises ValueError on a missing key or wrong type.
+
+        ``known_local`` (fingerprint -> CertInfo), when given, is where our own certificates
+        are taken from and added to: every connection of a profile shares one object.
+        """
         where = cls.__name__
         d = _check_mapping(d, where)
         peer = _get(d, "peer", Mapping, where, optional=True)
         local = _get(d, "local", Mapping, where, optional=True)
+        local_info = None
+        if local is not None:
+            local_info = known_local.get(local.get("fingerprint_sha256")) \
+                if known_local is not None else None
+            if local_info is None:
+                local_info = CertInfo._from_dict(local, f"{where}.local")
+                if known_local is not None:
+                    known_local[local_info.fingerprint_sha256] = local_info
         return cls(
             version=_get(d, "version", str, where),
             cipher=_get(d, "cipher", str, where),
@@ -257,6 +270,6 @@ class TlsFacts:
             peer_verified=_get(d, "peer_verified", bool, where),
             verify_error=_get(d, "verify_error", str, where, optional=True),
             peer=None if peer is None else CertInfo._from_dict(peer, f"{where}.peer"),
-            local=None if local is None else CertInfo._from_dict(local, f"{where}.local"),
+            local=local_info,
             engine=_get(d, "engine", str, where),
         )

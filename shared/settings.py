@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tlsbridge.shared.addr import default_sni, format_addr, parse_addr
+from tlsbridge.shared.factsmap import facts_map_of
 
 DEFAULT_RUN_DIR = "/run/tlsbridge"
 
@@ -34,7 +35,8 @@ class BridgeSettings:
     hairpin: tuple[str, int]
     events_endpoint: str
     control_endpoint: str
-    lookup_socket: str = ""  # the fast facts look-up (shared/lookup.py)
+    lookup_socket: str = ""  # the facts look-up by datagram (shared/lookup.py)
+    facts_map: str = ""  # the facts in shared memory (shared/factsmap.py)
     # listener address -> the address TLS peers know it by (its `advertise`, else itself)
     tls_public: dict[str, str] = field(default_factory=dict)
     # where non-TLS peers reach Kamailio, for Record-Route across transports
@@ -76,6 +78,7 @@ def load_settings(path: str | Path) -> BridgeSettings:
         events_endpoint=endpoint_of(raw, "events", run_dir),
         control_endpoint=endpoint_of(raw, "control", run_dir),
         lookup_socket=lookup_socket_of(run_dir),
+        facts_map=facts_map_of(run_dir),
         tls_public=tls_public,
         sip_address=format_addr(*parse_addr(sip, default_port=5060)) if sip else None,
         trunks=trunks_of(raw, p),

@@ -41,6 +41,7 @@ from tlsbridge.daemon.hub import (
 from tlsbridge.daemon.lookup_server import LookupServer
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
+from tlsbridge.shared import factsmap
 from tlsbridge.shared.events import EventEncoder
 from tlsbridge.shared.settings import lookup_socket_of
 
@@ -92,6 +93,7 @@ class Supervisor:
         self._control = ControlServer.router(self._ctx, self.config.control_endpoint,
                                              self.handle_request)
         self._lookup = LookupServer(lookup_socket_of(self.config.run_dir), self.lookup_entry)
+        factsmap.create(factsmap.facts_map_of(self.config.run_dir), regions=self.count)
         loop = asyncio.get_running_loop()
         for index in range(self.count):
             self._spawn(index)
@@ -203,6 +205,7 @@ class Supervisor:
             task.cancel()
         await self._control.close()
         self._lookup.close()
+        factsmap.remove(factsmap.facts_map_of(self.config.run_dir))
         for sock in (self._pull, self._wctl):
             sock.close(linger=0)
         self._events.close()
