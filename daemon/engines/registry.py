@@ -43,10 +43,10 @@ _NOT_YET_CLIENT = {
 _NOT_YET_SERVER: dict[str, tuple[str, ...]] = {}
 
 # What an engine fixes before it learns the SNI, so a listener's SNI profiles must agree with
-# its default profile on it (the pyopenssl and gnutls modules say why; Python's ssl cannot
-# set the verify mode of a connection, and OpenSSL keeps the one of the first context).
+# its default profile on it (the pyopenssl and gnutls modules say why). openssl: as pyopenssl,
+# and Python's ssl cannot set the verify mode of a connection (OpenSSL keeps the first one).
 _FIXED_BEFORE_SNI = {
-    "openssl": ("verify_client", "crl"),
+    "openssl": ("verify_client", "crl", "min_version", "max_version", "groups"),
     "pyopenssl": ("min_version", "max_version", "tls13_ciphersuites", "groups", "verify_depth"),
     "gnutls": ("min_version", "max_version", "alpn"),
 }

@@ -305,6 +305,8 @@ def test_sni_profile_optional_no_ca(srv_engine: str, certs: Path) -> None:
 
 @pytest.mark.parametrize(("engine", "key", "value"), [
     ("openssl", "verify_client", "on"),
+    ("openssl", "min_version", "TLSv1.3"),  # it would serve TLS 1.2 (the default's) all the same
+    ("openssl", "groups", "secp384r1"),
     ("pyopenssl", "min_version", "TLSv1.3"),
     ("pyopenssl", "groups", "X25519"),
     ("pyopenssl", "tls13_ciphersuites", "TLS_AES_128_GCM_SHA256"),
