@@ -288,10 +288,7 @@ class Relay(asyncio.Protocol):
                 sock.close()
                 return
             self._announce(sock)
-            header = self._proxy_header()
-            # Kamailio needs the whole header in its first read, before any payload.
-            if sock.send(header) != len(header):
-                raise OSError("short write of the PROXY header")
+            self._send_header(sock)
             transport, _ = await loop.create_connection(lambda: _HairpinSide(self), sock=sock)
         except (OSError, TimeoutError) as exc:
             sock.close()
@@ -302,6 +299,18 @@ class Relay(asyncio.Protocol):
             sock.close()
             raise
         self._hairpin_up(transport)
+
+    def _send_header(self, sock: socket.socket) -> None:
+        """The PROXY header, with what the peer has sent so far, in one segment: Kamailio
+        needs the whole header in its first read, and each segment on the hairpin costs it
+        (and us) a wake-up."""
+        header = self._proxy_header()
+        data = b"".join((header, *self._pending))
+        sent = sock.send(data)
+        if sent < len(header):
+            raise OSError("short write of the PROXY header")
+        self._pending = [data[sent:]] if sent < len(data) else []
+        self._pending_size = len(data) - sent
 
     def _hairpin_up(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
