@@ -183,8 +183,9 @@ class Hub:
         assert conn.hairpin_key is not None
         self.by_hairpin[conn.hairpin_key] = conn
         if self._facts_map is not None and conn.facts is not None:
-            entry = facts_entry(conn.ref.to_dict(), conn.facts.to_dict())
-            slot = self._facts_map.put(port, entry)
+            # Our certificate by reference: a worker gets it whole once, by a look-up.
+            tls = conn.facts.to_dict(local_by_reference=True)
+            slot = self._facts_map.put(port, facts_entry(conn.ref.to_dict(), tls))
             if slot:
                 self._map_slots[conn.id] = (port, slot)
             else:

@@ -29,6 +29,10 @@ VERIFY_ERROR_NOT_VERIFIED = "verification disabled"
 _MISSING = object()
 
 
+class UnknownLocalCertificate(ValueError):
+    """Facts that name our own certificate by fingerprint, to a reader that lacks it."""
+
+
 def _get(d: Mapping[str, Any], key: str, types: type | tuple[type, ...], where: str,
          *, optional: bool = False) -> Any:
     value = d.get(key, _MISSING)
@@ -222,8 +226,16 @@ class TlsFacts:
     engine: str
     """TLS library that produced these facts, e.g. ``openssl``."""
 
-    def to_dict(self) -> dict[str, Any]:
-        """Return a plain dict (JSON/msgpack friendly)."""
+    def to_dict(self, *, local_by_reference: bool = False) -> dict[str, Any]:
+        """Return a plain dict (JSON/msgpack friendly).
+
+        ``local_by_reference``: our own certificate as its fingerprint alone, for readers that
+        know it already (see ``from_dict``'s ``known_local``).
+        """
+        local: dict[str, Any] | None = None
+        if self.local is not None:
+            local = {"fingerprint_sha256": self.local.fingerprint_sha256} \
+                if local_by_reference else self.local.to_dict()
         return {
             "version": self.version,
             "cipher": self.cipher,
@@ -235,7 +247,7 @@ class TlsFacts:
             "peer_verified": self.peer_verified,
             "verify_error": self.verify_error,
             "peer": None if self.peer is None else self.peer.to_dict(),
-            "local": None if self.local is None else self.local.to_dict(),
+            "local": local,
             "engine": self.engine,
         }
 
@@ -245,7 +257,8 @@ class TlsFacts:
         """Inverse of ``to_dict``; raises ValueError on a missing key or wrong type.
 
         ``known_local`` (fingerprint -> CertInfo), when given, is where our own certificates
-        are taken from and added to: every connection of a profile shares one object.
+        are taken from and added to: every connection of a profile shares one object. A
+        reference to one it lacks raises ``UnknownLocalCertificate``.
         """
         where = cls.__name__
         d = _check_mapping(d, where)
@@ -255,6 +268,9 @@ class TlsFacts:
         if local is not None:
             local_info = known_local.get(local.get("fingerprint_sha256")) \
                 if known_local is not None else None
+            if local_info is None and local.keys() == {"fingerprint_sha256"}:
+                raise UnknownLocalCertificate(f"{where}.local: a reference to a certificate "
+                                              "not known here")
             if local_info is None:
                 local_info = CertInfo._from_dict(local, f"{where}.local")
                 if known_local is not None:

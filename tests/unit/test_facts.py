@@ -26,6 +26,7 @@ from tlsbridge.shared.facts import (
     CertInfo,
     DistinguishedName,
     TlsFacts,
+    UnknownLocalCertificate,
 )
 
 UTC = dt.UTC
@@ -574,3 +575,19 @@ def test_from_dict_rejects_non_mapping() -> None:
         TlsFacts.from_dict([])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="expected a dict"):
         CertInfo.from_dict("x")  # type: ignore[arg-type]
+
+
+def test_our_certificate_by_reference_is_shared_by_those_who_know_it(
+        sample_facts: TlsFacts) -> None:
+    assert sample_facts.local is not None
+    ref = json.loads(json.dumps(sample_facts.to_dict(local_by_reference=True)))
+    assert ref["local"] == {"fingerprint_sha256": sample_facts.local.fingerprint_sha256}
+    with pytest.raises(UnknownLocalCertificate):
+        TlsFacts.from_dict(ref, {})
+    with pytest.raises(UnknownLocalCertificate):
+        TlsFacts.from_dict(ref)
+    known: dict[str, CertInfo] = {}
+    whole = TlsFacts.from_dict(sample_facts.to_dict(), known)  # learns our certificate
+    assert whole == sample_facts and list(known) == [sample_facts.local.fingerprint_sha256]
+    again = TlsFacts.from_dict(ref, known)
+    assert again == sample_facts and again.local is whole.local

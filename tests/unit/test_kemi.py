@@ -8,6 +8,7 @@ wait until the bridge's SUB socket is subscribed instead of sleeping.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -23,6 +24,7 @@ from tlsbridge.kemi import testing
 from tlsbridge.kemi.bridge import HTABLE, BridgeConnection, TlsBridge
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
+from tlsbridge.shared import factsmap
 from tlsbridge.shared.events import ConnRef, Event, EventEncoder
 from tlsbridge.shared.facts import CertInfo, DistinguishedName, TlsFacts
 
@@ -488,6 +490,56 @@ def test_miss_looks_up_and_caches_per_conid(
     assert bridge.tls() == MTLS_FACTS
     assert daemon.ops() == ["lookup", "lookup"]
     assert ksr.logged("err") == []
+
+
+def put_map(path: str, ref: ConnRef, tls: TlsFacts) -> None:
+    assert ref.hairpin
+    port = int(ref.hairpin.rsplit(":", 1)[1])
+    data = {"conn": ref.to_dict(), "tls": tls.to_dict(local_by_reference=True)}
+    factsmap.FactsMapWriter(path, 0).put(port, json.dumps(data).encode())
+
+
+SERVER_FACTS = dataclasses.replace(MTLS_FACTS, local=dataclasses.replace(
+    CLIENT_CERT, subject=_dn("sip.example.com"), fingerprint_sha256=":".join(["CD"] * 32)))
+
+
+def test_facts_map_hit_after_one_look_up_for_our_certificate(
+    ksr: testing.FakeKSR, make_bridge: Callable[..., TlsBridge], daemon: FakeDaemon,
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "facts.map")
+    factsmap.create(path, regions=1, size=128 * 1024)
+    bridge = make_bridge(facts_map=path, facts_in_htable=False)
+    first, second = conn(1), conn(2)
+    for ref in (first, second):
+        put_map(path, ref, SERVER_FACTS)
+        daemon.add(ref, SERVER_FACTS)
+    # The map names our certificate by fingerprint: this worker asks for it whole once.
+    over_hairpin(ksr, first, conid=1)
+    looked_up = bridge.connection()
+    assert looked_up == BridgeConnection(first, SERVER_FACTS)
+    assert daemon.ops() == ["lookup"]
+    over_hairpin(ksr, second, conid=2)
+    found = bridge.connection()
+    assert found == BridgeConnection(second, SERVER_FACTS)
+    assert daemon.ops() == ["lookup"] and bridge.stats["map_hits"] == 1
+    assert found is not None and looked_up is not None
+    assert found.tls.local is looked_up.tls.local  # one object per certificate
+
+
+def test_facts_map_entry_of_an_earlier_hairpin_is_not_taken(
+    ksr: testing.FakeKSR, make_bridge: Callable[..., TlsBridge], daemon: FakeDaemon,
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "facts.map")
+    factsmap.create(path, regions=1, size=128 * 1024)
+    bridge = make_bridge(facts_map=path, facts_in_htable=False)
+    old, new = conn(1, hairpin_port=41500), conn(2, hairpin_port=41500)
+    put_map(path, old, MTLS_FACTS)  # the port's entry is of its previous user
+    daemon.add(new, MTLS_FACTS)
+    over_hairpin(ksr, new, conid=5)
+    assert bridge.connection() == BridgeConnection(new, MTLS_FACTS)
+    assert daemon.ops() == ["lookup"] and bridge.stats["map_hits"] == 0
 
 
 def test_lookup_not_found(ksr: testing.FakeKSR, bridge: TlsBridge, daemon: FakeDaemon) -> None:
