@@ -65,6 +65,7 @@ class ClientProfile:
     crl: Path | None = None
     verify_depth: int = 9
     tls13_ciphersuites: str | None = None
+    groups: str | None = None  # key exchange groups offered, e.g. "X25519:P-256"
     # Servers ("ip:port") this profile is used for when a connect names no profile.
     destinations: tuple[str, ...] = ()
 
@@ -310,7 +311,7 @@ _PROFILE_KEYS = (
 _CLIENT_KEYS = (
     "certificate", "private_key", "private_key_password", "private_key_password_file",
     "ca_list", "ca_path", "crl", "verify_server", "verify_name", "verify_depth", "min_version",
-    "max_version", "ciphers", "tls13_ciphersuites", "engine", "destinations",
+    "max_version", "ciphers", "tls13_ciphersuites", "groups", "engine", "destinations",
 )
 
 
@@ -381,6 +382,7 @@ def _clients(root: _Section, base: Path) -> dict[str, ClientProfile]:
             crl=sec.file("crl", base, required=False),
             verify_depth=sec.positive("verify_depth", int, 9),
             tls13_ciphersuites=sec.get("tls13_ciphersuites", str, None),
+            groups=sec.get("groups", str, None),
             destinations=tuple(format_addr(*parse_addr(d, default_port=5061))
                                for d in _addresses(sec, "destinations")),
         )

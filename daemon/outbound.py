@@ -10,23 +10,14 @@ its opaque `tag` (the KEMI module resumes a suspended transaction with it).
 from __future__ import annotations
 
 import asyncio
-import functools
 import socket
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tlsbridge.daemon.config import ConfigError
 from tlsbridge.daemon.engines.base import TlsEngine
-from tlsbridge.daemon.engines.openssl import OpenSSLEngine
-from tlsbridge.daemon.engines.registry import (
-    client_engine,
-    refuse_unsupported,
-    usable_certificate,
-)
+from tlsbridge.daemon.engines.registry import ClientFactory, client_engine_factory
 from tlsbridge.daemon.relay import Relay, State, _os_reason
-from tlsbridge.daemon.tls_context import client_context
 from tlsbridge.shared import events as ev
 from tlsbridge.shared.addr import format_addr, is_ip, target_key
 
@@ -170,34 +161,20 @@ class Connector:
     def __init__(self, hub: Hub, config: Config) -> None:
         self.hub = hub
         self.config = config
-        self._contexts, self._local = self.check(config)
+        self._clients = self.check(config)
         self._live: dict[Target, OutboundRelay] = {}
         self._attempts: dict[Target, _Attempt] = {}
 
     @staticmethod
-    def check(config: Config) -> tuple[dict[str, ssl.SSLContext], dict[str, Any]]:
-        """Every client profile's context (openssl) or a trial engine (others): a broken
-        profile refuses start-up or reload. Raises ConfigError."""
-        contexts: dict[str, ssl.SSLContext] = {}
-        local = {name: usable_certificate(f"client profile '{name}'", p.certificate)
-                 if p.certificate else None for name, p in config.clients.items()}
-        for name, profile in config.clients.items():
-            if profile.engine == "openssl":
-                contexts[name] = client_context(profile)
-                continue
-            refuse_unsupported(profile.engine, profile, f"client profile '{name}'")
-            try:
-                client_engine(profile.engine, ca_file=profile.ca_list, cert=profile.certificate,
-                              key=profile.private_key, verify=profile.verify_server,
-                              server_hostname="localhost",
-                              password=profile.private_key_password)
-            except ValueError as exc:
-                raise ConfigError(f"client profile '{name}': {exc}") from None
-        return contexts, local
+    def check(config: Config) -> dict[str, ClientFactory]:
+        """Every client profile's engine factory, its context built once (on any engine, with
+        every key of the profile): a broken profile refuses start-up or reload. Raises
+        ConfigError."""
+        return {name: client_engine_factory(p) for name, p in config.clients.items()}
 
     def reconfigure(self, config: Config) -> None:
         """New connects use the new profiles; live connections keep theirs."""
-        self._contexts, self._local = self.check(config)
+        self._clients = self.check(config)
         self.config = config
 
     def connect(self, target: Target, tag: Any) -> dict[str, Any]:
@@ -256,17 +233,8 @@ class Connector:
         profile = self.config.clients[target.profile]
         # The name checked against the certificate is also the SNI (RFC 5922: the SIP domain).
         name = profile.verify_name or target.sni or target.host
-        if profile.engine != "openssl":
-            return functools.partial(
-                client_engine, profile.engine, ca_file=profile.ca_list,
-                cert=profile.certificate, key=profile.private_key,
-                verify=profile.verify_server, server_hostname=name,
-                password=profile.private_key_password,
-            )
-        ctx = self._contexts[target.profile]
-        local = self._local.get(target.profile)
-        return lambda: OpenSSLEngine(ctx, server_side=False, server_hostname=name,
-                                     local_cert=local)
+        factory = self._clients[target.profile]
+        return lambda: factory(name)
 
     def ready(self, attempt: _Attempt, relay: OutboundRelay) -> None:
         self._attempts.pop(attempt.target, None)

@@ -63,6 +63,10 @@ def _encrypted(key: object) -> bool:
 
 
 def _trust(where: str, ctx: ssl.SSLContext, profile: ServerProfile | ClientProfile) -> None:
+    from tlsbridge.daemon.engines.registry import pem_crls
+
+    if profile.crl is not None:
+        pem_crls(where, profile.crl)  # OpenSSL would take a file of CA certificates alone
     sources = [("CA list", profile.ca_list, {"cafile": str(profile.ca_list)}),
                ("CA path", profile.ca_path, {"capath": str(profile.ca_path)}),
                ("CRL", profile.crl, {"cafile": str(profile.crl)})]
@@ -89,18 +93,24 @@ def server_context(profile: ServerProfile) -> ssl.SSLContext:
         raise ConfigError(f"{where}: engine openssl cannot do verify_client = 'optional_no_ca' "
                           "(use pyopenssl or gnutls)")
     ctx.verify_mode = _VERIFY[profile.verify_client]
-    if profile.groups:
-        if ":" in profile.groups:
-            raise ConfigError(f"{where}: engine openssl takes one group in 'groups' "
-                              "(Python's ssl has set_ecdh_curve only)")
-        try:
-            ctx.set_ecdh_curve(profile.groups)
-        except ValueError:
-            raise ConfigError(f"{where}: unknown group '{profile.groups}'") from None
+    _groups(where, ctx, profile)
     if profile.alpn:
         ctx.set_alpn_protocols(list(profile.alpn))
     ctx.sni_callback = _remember_sni
     return ctx
+
+
+def _groups(where: str, ctx: ssl.SSLContext, profile: ServerProfile | ClientProfile) -> None:
+    if not profile.groups:
+        return
+    if ":" in profile.groups:
+        raise ConfigError(f"{where}: 'groups': engine openssl takes one group "
+                          "(Python's ssl has set_ecdh_curve only)")
+    try:
+        # OpenSSL 3: SSL_CTX_set1_groups, which restricts what a client offers too.
+        ctx.set_ecdh_curve(profile.groups)
+    except ValueError:
+        raise ConfigError(f"{where}: 'groups': unknown group '{profile.groups}'") from None
 
 
 def _remember_sni(obj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
@@ -150,4 +160,5 @@ def client_context(profile: ClientProfile) -> ssl.SSLContext:
         ctx.verify_mode = ssl.CERT_NONE
     if profile.certificate is not None:
         _identity(where, ctx, profile)
+    _groups(where, ctx, profile)
     return ctx

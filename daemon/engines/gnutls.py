@@ -18,7 +18,11 @@ need a `ciphers` whose TLS 1.2 suites use exactly the same ciphers. `groups` tak
 names (X25519, P-256 / prime256v1 / secp256r1, ffdhe2048...).
 
 CRLs: GnuTLS checks the CRLs it has against the whole chain; as with the openssl engine
-(VERIFY_CRL_CHECK_LEAF), a client certificate whose issuer has no CRL in `crl` is refused.
+(VERIFY_CRL_CHECK_LEAF), a peer certificate (a client's, or on the client side the server's)
+whose issuer has no CRL in `crl` is refused.
+
+Client profiles take the same priority (versions, ciphers, TLS 1.3 suites, groups), trust and
+CRL helpers as server profiles.
 
 SNI profiles: each profile has its own credentials and priorities; the post-client-hello
 callback reads the name and puts the chosen profile's on the session (certificate, trust,
@@ -51,7 +55,7 @@ from ctypes import (
 from functools import cache
 from typing import Any
 
-from tlsbridge.daemon.config import ConfigError, ServerProfile
+from tlsbridge.daemon.config import ClientProfile, ConfigError, ServerProfile
 from tlsbridge.daemon.engines.base import TlsEngine, TlsError
 from tlsbridge.daemon.engines.registry import listed, pem_crls
 from tlsbridge.daemon.sni import SniRouter, refusal
@@ -322,10 +326,12 @@ def _suite_names(suites: Sequence[_Suite]) -> str:
     return ", ".join(sorted(_openssl_names().get(s[1], s[0]) for s in suites))
 
 
-def _cipher_priority(profile: ServerProfile) -> str:
+Profile = ServerProfile | ClientProfile
+
+
+def _cipher_priority(where: str, profile: Profile) -> str:
     """The priority tokens that enable exactly the TLS 1.2 suites of OpenSSL string `ciphers`
     and the TLS 1.3 suites of `tls13_ciphersuites`, from GnuTLS's one cipher list."""
-    where = f"profile '{profile.name}'"
     # Checked even when their TLS version is off: a typo is a typo.
     tls12 = _tls12_suites(where, profile.ciphers) if profile.ciphers else None
     tls13 = (_tls13_suites(where, profile.tls13_ciphersuites)
@@ -402,6 +408,16 @@ def _versions(min_version: str, max_version: str) -> str:
     order = ("TLSv1.2", "TLSv1.3")
     keep = order[order.index(min_version) : order.index(max_version) + 1]
     return "-VERS-ALL:" + ":".join(f"+VERS-TLS{v[4:]}" for v in reversed(keep))
+
+
+def _priority(where: str, profile: Profile) -> str:
+    """The priority string of a server or client profile: versions, ciphers, TLS 1.3 suites,
+    groups; a server prefers its own order."""
+    prio = ["NORMAL", _versions(profile.min_version, profile.max_version),
+            _cipher_priority(where, profile),
+            _group_priority(where, profile.groups) if profile.groups else "",
+            "%SERVER_PRECEDENCE" if isinstance(profile, ServerProfile) else ""]
+    return ":".join(p for p in prio if p)
 
 
 # ---- contexts ---------------------------------------------------------------------------
@@ -519,21 +535,15 @@ def _check(rc: int, what: str) -> int:
 
 def server_context(profile: ServerProfile) -> GnuTLSContext:
     """A server context for `profile`; raises ConfigError naming the profile and the file."""
-    from tlsbridge.daemon.certinfo import cert_info_from_pem_file
-
     where = f"profile '{profile.name}'"
     _need_lib()
     if profile.verify_client not in SERVER_VERIFY_MODES:
         raise ConfigError(f"{where}: verify_client {profile.verify_client!r} is not one of "
                           f"{', '.join(SERVER_VERIFY_MODES)}")
-    prio = ["NORMAL", _versions(profile.min_version, profile.max_version),
-            _cipher_priority(profile),
-            _group_priority(where, profile.groups) if profile.groups else "",
-            "%SERVER_PRECEDENCE"]
     try:
         ctx = GnuTLSContext(
             server_side=True,
-            priority=":".join(p for p in prio if p),
+            priority=_priority(where, profile),
             verify=profile.verify_client,
             alpn=profile.alpn,
             verify_depth=profile.verify_depth,
@@ -541,6 +551,16 @@ def server_context(profile: ServerProfile) -> GnuTLSContext:
         )
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    _identity(where, ctx, profile)
+    _trust(where, ctx, profile)
+    return ctx
+
+
+def _identity(where: str, ctx: GnuTLSContext, profile: Profile) -> None:
+    """Our certificate chain and key, and the facts' `local`."""
+    from tlsbridge.daemon.certinfo import cert_info_from_pem_file
+
+    assert profile.certificate is not None and profile.private_key is not None
     try:
         ctx.load_key_pair(profile.certificate, profile.private_key,
                           profile.private_key_password)
@@ -549,15 +569,13 @@ def server_context(profile: ServerProfile) -> GnuTLSContext:
             f"{where}: certificate {profile.certificate} and key {profile.private_key} "
             f"cannot be used: {exc}"
         ) from None
-    _trust(where, ctx, profile)
     try:
         ctx.local_cert = cert_info_from_pem_file(profile.certificate)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{where}: certificate {profile.certificate}: {exc}") from None
-    return ctx
 
 
-def _trust(where: str, ctx: GnuTLSContext, profile: ServerProfile) -> None:
+def _trust(where: str, ctx: GnuTLSContext, profile: Profile) -> None:
     steps = [("CA list", profile.ca_list, ctx.load_trust),
              ("CA path", profile.ca_path, ctx.load_trust_dir)]
     if profile.crl is not None:
@@ -583,35 +601,33 @@ def listener_context(
     return base
 
 
-def client_context(
-    *,
-    ca_file: str | os.PathLike[str] | None,
-    cert: str | os.PathLike[str] | None = None,
-    key: str | os.PathLike[str] | None = None,
-    verify: bool = True,
-    alpn: Sequence[str] = (),
-    password: str | None = None,
-) -> GnuTLSContext:
-    """A client context; `ca_file` None trusts the system's CAs. Raises ValueError."""
-    from tlsbridge.daemon.certinfo import cert_info_from_pem_file
-
-    ctx = GnuTLSContext(
-        server_side=False,
-        priority="NORMAL:" + _versions("TLSv1.2", "TLSv1.3"),
-        verify="on" if verify else "off",
-        alpn=alpn,
-    )
-    if cert is not None:
-        try:
-            ctx.load_key_pair(cert, key if key is not None else cert, password)
-            ctx.local_cert = cert_info_from_pem_file(cert)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"client certificate {cert} or key {key} unusable: {exc}") from None
-    if verify:
-        try:
-            ctx.load_trust(ca_file)
-        except ValueError as exc:
-            raise ValueError(f"CA file {ca_file} unusable: {exc}") from None
+def client_context(profile: ClientProfile, *, alpn: Sequence[str] = ()) -> GnuTLSContext:
+    """A client context for `profile`, with the server-side helpers: priority (versions,
+    ciphers, TLS 1.3 suites, groups), CA list / path and CRL (the server's own certificate is
+    checked, and its issuer must have a CRL in `crl`). Neither `ca_list` nor `ca_path`: the
+    system's CAs. Raises ConfigError naming the client profile."""
+    where = f"client profile '{profile.name}'"
+    _need_lib()
+    try:
+        ctx = GnuTLSContext(
+            server_side=False,
+            priority=_priority(where, profile),
+            verify="on" if profile.verify_server else "off",
+            alpn=alpn,
+            verify_depth=profile.verify_depth,
+            name=profile.name,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if profile.certificate is not None:
+        _identity(where, ctx, profile)
+    if profile.verify_server:
+        if profile.ca_list is None and profile.ca_path is None:
+            try:
+                ctx.load_trust(None)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: the system's CAs are unusable: {exc}") from None
+        _trust(where, ctx, profile)
     return ctx
 
 
@@ -826,6 +842,7 @@ class GnuTLSEngine(TlsEngine):
         else:
             _check(lib.gnutls_priority_set(s, ctx._prio), "priority")
             _check(lib.gnutls_credentials_set(s, _CRD_CERTIFICATE, ctx._cred), "credentials")
+            st.crl_issuers = ctx.crl_issuers
             if sni is None and server_hostname and not is_ip(server_hostname):
                 sni = server_hostname
             if sni:

@@ -2,7 +2,8 @@
 
 Unlike the stdlib `ssl` module it can request a client certificate, accept it whatever the
 verification says and report the verdict: verify_client = "optional_no_ca"; it also restricts
-TLS 1.3 suites and takes a list of groups.
+TLS 1.3 suites and takes a list of groups, on client profiles as well as server ones (the
+same helpers build both).
 
 SNI profiles: each profile has its own Context and the connection switches to the chosen one
 in the server-name callback. OpenSSL takes the certificate, trust store (CA list, CRLs), TLS 1.2
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 from OpenSSL import SSL, crypto
 
 from tlsbridge.daemon import keylog
-from tlsbridge.daemon.config import ConfigError, ServerProfile
+from tlsbridge.daemon.config import ClientProfile, ConfigError, ServerProfile
 from tlsbridge.daemon.engines.base import READ_CHUNK, TlsEngine, TlsError
 from tlsbridge.daemon.engines.registry import listed, pem_crls
 from tlsbridge.daemon.sni import SniRouter, refusal
@@ -200,19 +201,10 @@ def _served(profile: ServerProfile) -> _Served:
         raise ConfigError(f"{where}: verify_client {profile.verify_client!r} is not one of "
                           f"{', '.join(SERVER_VERIFY_MODES)}")
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-    ctx.set_min_proto_version(_VERSIONS[profile.min_version])
-    ctx.set_max_proto_version(_VERSIONS[profile.max_version])
     ctx.set_options(_SERVER_OPTIONS)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-    try:
-        ctx.use_certificate_chain_file(str(profile.certificate))
-        _load_key(ctx, profile.private_key, profile.private_key_password)
-        ctx.check_privatekey()
-    except (SSL.Error, ValueError, OSError) as exc:
-        raise ConfigError(
-            f"{where}: certificate {profile.certificate} and key {profile.private_key} "
-            f"cannot be used: {_reasons(exc)}"
-        ) from None
+    _settings(where, ctx, profile)
+    _identity(where, ctx, profile)
     _trust(where, ctx, profile)
     mode = _VERIFY_FLAGS[profile.verify_client]
     callback = None
@@ -224,6 +216,19 @@ def _served(profile: ServerProfile) -> _Served:
     # Even when not verifying: a connection switched by SNI to a profile that verifies keeps
     # the depth of the context it started with.
     ctx.set_verify_depth(profile.verify_depth)
+    if profile.alpn:
+        ctx.set_alpn_select_callback(_select_alpn([p.encode() for p in profile.alpn]))
+    return _Served(profile.name, ctx, mode, callback)
+
+
+Profile = ServerProfile | ClientProfile
+
+
+def _settings(where: str, ctx: SSL.Context, profile: Profile) -> None:
+    """What server and client contexts take alike: versions, TLS 1.2 ciphers, TLS 1.3 suites,
+    groups, and the key log."""
+    ctx.set_min_proto_version(_VERSIONS[profile.min_version])
+    ctx.set_max_proto_version(_VERSIONS[profile.max_version])
     if profile.ciphers:
         try:
             ctx.set_cipher_list(profile.ciphers.encode("ascii"))
@@ -233,13 +238,24 @@ def _served(profile: ServerProfile) -> _Served:
         _tls13_suites(where, ctx, profile.tls13_ciphersuites)
     if profile.groups:
         _groups(where, ctx, profile.groups)
-    if profile.alpn:
-        ctx.set_alpn_select_callback(_select_alpn([p.encode() for p in profile.alpn]))
     _keylog(ctx)
-    return _Served(profile.name, ctx, mode, callback)
 
 
-def _trust(where: str, ctx: SSL.Context, profile: ServerProfile) -> None:
+def _identity(where: str, ctx: SSL.Context, profile: Profile) -> None:
+    """Our certificate chain and key."""
+    assert profile.certificate is not None and profile.private_key is not None
+    try:
+        ctx.use_certificate_chain_file(str(profile.certificate))
+        _load_key(ctx, profile.private_key, profile.private_key_password)
+        ctx.check_privatekey()
+    except (SSL.Error, ValueError, OSError) as exc:
+        raise ConfigError(
+            f"{where}: certificate {profile.certificate} and key {profile.private_key} "
+            f"cannot be used: {_reasons(exc)}"
+        ) from None
+
+
+def _trust(where: str, ctx: SSL.Context, profile: Profile) -> None:
     for what, cafile, capath in (("CA list", profile.ca_list, None),
                                  ("CA path", None, profile.ca_path)):
         if cafile is None and capath is None:
@@ -351,39 +367,29 @@ def _on_server_name(ctx: SSL.Context, choose: Callable[[SSL.Connection], bool]) 
     lib.SSL_CTX_set_tlsext_servername_callback(ctx._context, ctx._tlsext_servername_callback)
 
 
-def client_context(
-    *,
-    ca_file: str | os.PathLike[str] | None,
-    cert: str | os.PathLike[str] | None = None,
-    key: str | os.PathLike[str] | None = None,
-    verify: bool = True,
-    alpn: Sequence[str] = (),
-    password: str | None = None,
-) -> SSL.Context:
-    """A client context; `ca_file` None trusts the system's CAs. Raises ValueError."""
+def client_context(profile: ClientProfile, *, alpn: Sequence[str] = ()) -> SSL.Context:
+    """A client context for `profile`, with the server-side helpers: versions, ciphers, TLS 1.3
+    suites, groups, CA list / path and CRL (the server's own certificate is checked, and its
+    issuer must have a CRL in `crl`). Neither `ca_list` nor `ca_path`: the system's CAs. The
+    server's name is checked by the engine (server_hostname). Raises ConfigError naming the
+    client profile."""
+    where = f"client profile '{profile.name}'"
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(SSL.OP_NO_COMPRESSION | getattr(SSL, "OP_NO_RENEGOTIATION", 0))
-    try:
-        if cert is not None:
-            ctx.use_certificate_chain_file(os.fspath(cert))
-            _load_key(ctx, key if key is not None else cert, password)
-            ctx.check_privatekey()
-        if verify:
-            if ca_file is None:
-                ctx.set_default_verify_paths()
-            else:
-                ctx.load_verify_locations(os.fspath(ca_file))
-    except SSL.Error as exc:
-        raise ValueError(f"client certificate, key or CA file unusable: {_reasons(exc)}") from None
-    if verify:
+    _settings(where, ctx, profile)
+    if profile.certificate is not None:
+        _identity(where, ctx, profile)
+    if profile.verify_server:
+        if profile.ca_list is None and profile.ca_path is None:
+            ctx.set_default_verify_paths()
+        _trust(where, ctx, profile)
         ctx.set_verify(SSL.VERIFY_PEER, _verify_callback(accept_any=False))
     else:
         ctx.set_verify(SSL.VERIFY_NONE)
+    ctx.set_verify_depth(profile.verify_depth)
     if alpn:
         ctx.set_alpn_protos([p.encode() for p in alpn])
     return ctx
-
 
 
 class PyOpenSSLEngine(TlsEngine):

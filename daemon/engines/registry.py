@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +22,8 @@ from tlsbridge.daemon.engines.openssl import OpenSSLEngine
 from tlsbridge.shared.facts import CertInfo
 
 __all__ = [
-    "ENGINES", "available", "client_engine", "listener_engine_factory", "server_engine_factory",
+    "ENGINES", "available", "client_engine", "client_engine_factory", "listener_engine_factory",
+    "server_engine_factory",
 ]
 
 ENGINES = ("openssl", "pyopenssl", "gnutls")
@@ -33,15 +33,6 @@ _OPENSSL_VERIFY_MODES = ("off", "optional", "on")
 PathLike = str | os.PathLike[str]
 
 
-# Profile keys an engine does not implement yet: refused, never silently ignored (a CRL that
-# is not checked would let revoked certificates in). Client profiles of these engines go
-# through client_engine(), which takes none of these keys.
-_NOT_YET_CLIENT = {
-    "pyopenssl": ("crl", "ca_path", "tls13_ciphersuites"),
-    "gnutls": ("crl", "ca_path", "tls13_ciphersuites"),
-}
-_NOT_YET_SERVER: dict[str, tuple[str, ...]] = {}
-
 # What an engine fixes before it learns the SNI, so a listener's SNI profiles must agree with
 # its default profile on it (the pyopenssl and gnutls modules say why). openssl: as pyopenssl,
 # and Python's ssl cannot set the verify mode of a connection (OpenSSL keeps the first one).
@@ -50,15 +41,6 @@ _FIXED_BEFORE_SNI = {
     "pyopenssl": ("min_version", "max_version", "tls13_ciphersuites", "groups", "verify_depth"),
     "gnutls": ("min_version", "max_version", "alpn"),
 }
-
-
-def refuse_unsupported(name: str, profile: ServerProfile | ClientProfile, where: str) -> None:
-    """Raise ConfigError if `profile` sets a key engine `name` cannot honour."""
-    not_yet = _NOT_YET_CLIENT if isinstance(profile, ClientProfile) else _NOT_YET_SERVER
-    for key in not_yet.get(name, ()):
-        if getattr(profile, key, None):
-            raise ConfigError(f"{where}: engine {name} does not support '{key}' yet; "
-                              "use engine openssl for this profile")
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -137,7 +119,6 @@ def server_engine_factory(name: str, profile: ServerProfile) -> Callable[[], Tls
     engine per connection. Raises ConfigError naming the profile."""
     where = f"profile '{profile.name}'"
     _require(name, where)
-    refuse_unsupported(name, profile, where)
     local = usable_certificate(where, profile.certificate)
     if name == "openssl":
         from tlsbridge.daemon.tls_context import server_context
@@ -173,8 +154,6 @@ def listener_engine_factory(
         return server_engine_factory(name, default)
     _require(name, f"profile '{default.name}'")
     _same_before_sni(name, default, sni_profiles)
-    for p in (default, *sni_profiles):
-        refuse_unsupported(name, p, f"profile '{p.name}'")
     local = {p.name: usable_certificate(f"profile '{p.name}'", p.certificate)
              for p in (default, *sni_profiles)}
     if name == "openssl":
@@ -208,44 +187,69 @@ def _same_before_sni(name: str, default: ServerProfile,
                     f"'{default.name}' (or use one listener each)")
 
 
-def _openssl_client(
-    *,
-    ca_file: PathLike | None,
-    cert: PathLike | None,
-    key: PathLike | None,
-    verify: bool,
-    server_hostname: str | None,
-    sni: str | None,
-    alpn: Sequence[str],
-    local: CertInfo | None,
-) -> TlsEngine:
+ClientFactory = Callable[..., TlsEngine]
+
+
+def client_engine_factory(profile: ClientProfile) -> ClientFactory:
+    """Build the client context of `profile` (engine `profile.engine`) once; the factory makes
+    one engine per connection: `factory(server_hostname, sni=None)`, where `server_hostname`
+    is checked against the server's certificate and is the SNI sent unless it is an IP literal
+    (`sni` sends another name, "" none; engine openssl cannot). Every key of the profile is
+    honoured or refused: raises ConfigError naming the client profile (and the key or file)."""
+    where = f"client profile '{profile.name}'"
+    _require(profile.engine, where)
+    local = (usable_certificate(where, profile.certificate)
+             if profile.certificate is not None else None)
+    return _client_factory(profile.engine, profile, local)
+
+
+def _client_factory(name: str, profile: ClientProfile, local: CertInfo | None, *,
+                    alpn: Sequence[str] = (), check_hostname: bool = True) -> ClientFactory:
+    if name == "openssl":
+        from tlsbridge.daemon.tls_context import client_context
+
+        ctx = client_context(profile)
+        if alpn:
+            ctx.set_alpn_protocols(list(alpn))
+        if not check_hostname:
+            ctx.check_hostname = False
+
+        def openssl_engine(server_hostname: str | None, sni: str | None = None) -> TlsEngine:
+            return OpenSSLEngine(ctx, server_side=False,
+                                 server_hostname=_openssl_name(server_hostname, sni),
+                                 local_cert=local)
+
+        return openssl_engine
+    if name == "pyopenssl":
+        from tlsbridge.daemon.engines import pyopenssl
+
+        pctx = pyopenssl.client_context(profile, alpn=alpn)
+
+        def pyopenssl_engine(server_hostname: str | None, sni: str | None = None) -> TlsEngine:
+            return pyopenssl.PyOpenSSLEngine(pctx, server_side=False,
+                                             server_hostname=server_hostname, sni=sni,
+                                             local_cert=local)
+
+        return pyopenssl_engine
+    from tlsbridge.daemon.engines import gnutls
+
+    gctx = gnutls.client_context(profile, alpn=alpn)
+
+    def gnutls_engine(server_hostname: str | None, sni: str | None = None) -> TlsEngine:
+        return gnutls.GnuTLSEngine(gctx, server_hostname=server_hostname, sni=sni,
+                                   local_cert=local)
+
+    return gnutls_engine
+
+
+def _openssl_name(server_hostname: str | None, sni: str | None) -> str | None:
     # The ssl module sends server_hostname as SNI and checks the certificate against it:
     # the two can differ only when no name is checked.
     if sni is None or sni == server_hostname:
-        wrap_name = server_hostname
-    elif server_hostname is None:
-        wrap_name = sni or None
-    else:
-        raise ValueError("engine openssl cannot send an SNI other than server_hostname")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        if verify:
-            ctx.check_hostname = server_hostname is not None
-            if ca_file is None:
-                ctx.load_default_certs()
-            else:
-                ctx.load_verify_locations(cafile=os.fspath(ca_file))
-        else:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        if cert is not None:
-            ctx.load_cert_chain(os.fspath(cert), None if key is None else os.fspath(key))
-    except (ssl.SSLError, OSError) as exc:
-        raise ValueError(f"client certificate, key or CA file unusable: {exc}") from None
-    if alpn:
-        ctx.set_alpn_protocols(list(alpn))
-    return OpenSSLEngine(ctx, server_side=False, server_hostname=wrap_name, local_cert=local)
+        return server_hostname
+    if server_hostname is None:
+        return sni or None
+    raise ValueError("engine openssl cannot send an SNI other than server_hostname")
 
 
 def client_engine(
@@ -260,33 +264,24 @@ def client_engine(
     alpn: Sequence[str] = (),
     password: str | None = None,
 ) -> TlsEngine:
-    """A client engine with a context of its own (tests, health checks, outbound links).
+    """A client engine with a context of its own (tests, health checks), built as a client
+    profile's would be (client_engine_factory), from a few keys.
 
     `ca_file` None trusts the system's CAs. `server_hostname` is checked against the server's
     certificate and is the SNI sent, unless it is an IP literal; `sni` sends another name
-    ("" none). Raises ValueError on unusable files, ConfigError if the engine is unavailable.
+    ("" none); None checks no name. Raises ValueError on unusable files, ConfigError if the
+    engine is unavailable.
     """
     _require(name, "client")
-    local = None
-    if cert is not None:
-        try:
-            local = cert_info_from_pem_file(cert)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"client certificate {cert}: {exc}") from None
-    if name == "openssl":
-        return _openssl_client(
-            ca_file=ca_file, cert=cert, key=key, verify=verify,
-            server_hostname=server_hostname, sni=sni, alpn=alpn, local=local,
-        )
-    if name == "pyopenssl":
-        from tlsbridge.daemon.engines import pyopenssl
-
-        ctx = pyopenssl.client_context(ca_file=ca_file, cert=cert, key=key, verify=verify,
-                                       alpn=alpn, password=password)
-        return pyopenssl.PyOpenSSLEngine(ctx, server_side=False, server_hostname=server_hostname,
-                                         sni=sni, local_cert=local)
-    from tlsbridge.daemon.engines import gnutls
-
-    gctx = gnutls.client_context(ca_file=ca_file, cert=cert, key=key, verify=verify, alpn=alpn,
-                                 password=password)
-    return gnutls.GnuTLSEngine(gctx, server_hostname=server_hostname, sni=sni, local_cert=local)
+    profile = ClientProfile(
+        name="client", engine=name, ca_list=None if ca_file is None else Path(ca_file),
+        certificate=None if cert is None else Path(cert),
+        private_key=None if cert is None else Path(key if key is not None else cert),
+        verify_server=verify, private_key_password=password)
+    try:
+        local = None if cert is None else cert_info_from_pem_file(cert)
+        factory = _client_factory(name, profile, local, alpn=alpn,
+                                  check_hostname=server_hostname is not None)
+    except (OSError, ValueError, ConfigError) as exc:
+        raise ValueError(str(exc)) from None
+    return factory(server_hostname, sni)

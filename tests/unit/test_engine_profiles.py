@@ -1,5 +1,6 @@
 """Profile keys on every engine, over real TLS in memory: SNI profiles (exact, wildcard,
-default, strict), CRLs, hashed CA directories, TLS 1.3 suites and key exchange groups.
+default, strict), CRLs, hashed CA directories, TLS 1.3 suites and key exchange groups, for
+server profiles and client profiles (`[client.NAME]`, built as the outbound side builds them).
 
 Clients that offer only some suites or groups are pyOpenSSL or GnuTLS ones (the stdlib ssl
 module cannot restrict TLS 1.3), each where it runs.
@@ -31,8 +32,8 @@ from tlsbridge.daemon.config import ClientProfile, ConfigError, ServerProfile
 from tlsbridge.daemon.engines.base import TlsEngine, TlsError
 from tlsbridge.daemon.engines.registry import (
     client_engine,
+    client_engine_factory,
     listener_engine_factory,
-    refuse_unsupported,
     server_engine_factory,
 )
 from tlsbridge.daemon.sni import refusal
@@ -136,7 +137,7 @@ def restricted_client(kind: str, certs: Path, *, tls13: str | None = None,
     if kind == "pyopenssl":
         from tlsbridge.daemon.engines import pyopenssl
 
-        ctx = pyopenssl.client_context(ca_file=certs / "ca.pem")
+        ctx = pyopenssl.client_context(ClientProfile(name="test", ca_list=certs / "ca.pem"))
         if tls13:
             ctx.set_tls13_ciphersuites(tls13.encode())
         if groups:
@@ -367,7 +368,7 @@ def test_crl_with_optional_no_ca_reports_the_revocation(srv_engine: str, certs: 
     assert facts.verify_error is not None and "revoked" in facts.verify_error.lower()
 
 
-@each_switching
+@each_server
 def test_a_crl_file_without_crls_is_refused(srv_engine: str, certs: Path) -> None:
     with pytest.raises(ConfigError, match=r"profile 'default': CRL .*ca\.pem unusable"):
         server_engine_factory(srv_engine, profile(
@@ -514,15 +515,234 @@ def test_unknown_group_is_refused(srv_engine: str, certs: Path, groups: str) -> 
         server_engine_factory(srv_engine, profile(certs, groups=groups))
 
 
-# ---- what is still refused ------------------------------------------------------------------
+
+# ---- client profiles ------------------------------------------------------------------------
+
+each_client = pytest.mark.parametrize("cli_engine", EACH)
+# Client engines that can restrict the TLS 1.3 suites they offer.
+each_switching_client = pytest.mark.parametrize("cli_engine", SWITCHING)
 
 
-@pytest.mark.parametrize("engine", ["pyopenssl", "gnutls"])
-@pytest.mark.parametrize("key", ["crl", "ca_path", "tls13_ciphersuites"])
-def test_client_profiles_refuse_keys_client_engines_lack(certs: Path, engine: str,
-                                                          key: str) -> None:
-    value: Any = certs / "crl.pem" if key == "crl" else (
-        certs if key == "ca_path" else "TLS_AES_128_GCM_SHA256")
-    with pytest.raises(ConfigError, match=rf"client profile 'out'.*does not support '{key}'"):
-        refuse_unsupported(engine, ClientProfile(name="out", **{key: value}),
-                           "client profile 'out'")
+def out(engine: str, certs: Path, host: str = "localhost", **kw: Any) -> TlsEngine:
+    """A client engine of profile [client.out], built as the outbound side builds it."""
+    if "ca_path" not in kw:
+        kw.setdefault("ca_list", certs / "ca.pem")
+    return client_engine_factory(ClientProfile(name="out", engine=engine, **kw))(host)
+
+
+def serving(engine: str, certs: Path, cert: str = "default", **kw: Any) -> TlsEngine:
+    return server_engine_factory(engine, profile(certs, cert=cert, **kw))()
+
+
+@pair_params
+@each_version
+def test_client_profile_crl_refuses_a_revoked_server(cli_engine: str, srv_engine: str,
+                                                     certs: Path, version: str) -> None:
+    both = {"min_version": version, "max_version": version}
+    srv = serving(srv_engine, certs, "revoked", **both)
+    cli = out(cli_engine, certs, "revoked.example.net", crl=certs / "crl.pem")
+    err, _ = failed_handshake(cli, srv)
+    assert err is not None and err.reason == "verify_failed", err
+    assert "revoked" in err.detail.lower() and not cli.handshake_done
+    # Without the CRL the same server passes: the CRL made the difference.
+    handshake(out(cli_engine, certs, "revoked.example.net"),
+              serving(srv_engine, certs, "revoked", **both))
+    # A server the CRL does not revoke passes, verified.
+    cli = out(cli_engine, certs, crl=certs / "crl.pem")
+    handshake(cli, serving(srv_engine, certs, **both))
+    facts = cli.facts()
+    assert facts.peer_verified and facts.version == version
+
+
+@each_client
+def test_client_profile_crl_needs_one_from_the_servers_issuer(cli_engine: str,
+                                                             certs: Path) -> None:
+    cli = out(cli_engine, certs, "rogue.example.net", ca_list=certs / "both-ca.pem",
+              crl=certs / "crl.pem")
+    err, _ = failed_handshake(cli, serving("openssl", certs, "rogue"))
+    assert err is not None and err.reason == "verify_failed"
+    assert "unable to get certificate crl" in err.detail.lower()
+
+
+@each_client
+def test_client_profile_a_crl_file_without_crls_is_refused(cli_engine: str,
+                                                           certs: Path) -> None:
+    with pytest.raises(ConfigError, match=r"client profile 'out': CRL .*ca\.pem unusable"):
+        out(cli_engine, certs, crl=certs / "ca.pem")
+
+
+@pair_params
+def test_client_profile_ca_path(cli_engine: str, srv_engine: str, certs: Path,
+                                hashed_dir: Path) -> None:
+    cli = out(cli_engine, certs, ca_path=hashed_dir)
+    handshake(cli, serving(srv_engine, certs))
+    facts = cli.facts()
+    assert facts.peer_verified and facts.peer is not None
+    assert facts.peer.san_dns == ("localhost",)
+    # The other CA is not in the directory.
+    err, _ = failed_handshake(out(cli_engine, certs, "rogue.example.net", ca_path=hashed_dir),
+                              serving(srv_engine, certs, "rogue"))
+    assert err is not None and err.reason == "verify_failed"
+
+
+@each_switching_client
+@each_server
+@each_version
+def test_client_profile_tls13_ciphersuites_pick_the_suite(cli_engine: str, srv_engine: str,
+                                                          certs: Path, version: str) -> None:
+    # The server takes any suite, and would prefer AES: the client offers ChaCha20 only.
+    srv = serving(srv_engine, certs, min_version=version, max_version=version)
+    cli = out(cli_engine, certs, **CHACHA)
+    handshake(cli, srv)
+    expected = ("TLS_CHACHA20_POLY1305_SHA256" if version == "TLSv1.3"
+                else "ECDHE-ECDSA-CHACHA20-POLY1305")
+    assert srv.facts().cipher == cli.facts().cipher == expected
+
+
+@each_switching_client
+@each_switching
+def test_client_profile_tls13_ciphersuites_refuse_other_suites(cli_engine: str,
+                                                               srv_engine: str,
+                                                               certs: Path) -> None:
+    def srv() -> TlsEngine:
+        return serving(srv_engine, certs, min_version="TLSv1.3",
+                       tls13_ciphersuites="TLS_AES_256_GCM_SHA384")
+
+    kw: dict[str, Any] = {"min_version": "TLSv1.3"}
+    cli = out(cli_engine, certs, tls13_ciphersuites="TLS_AES_256_GCM_SHA384", **kw)
+    handshake(cli, srv())
+    assert cli.facts().cipher == "TLS_AES_256_GCM_SHA384"
+    cli = out(cli_engine, certs, tls13_ciphersuites="TLS_AES_128_GCM_SHA256", **kw)
+    err, _ = failed_handshake(cli, s := srv())
+    assert err is not None and err.reason == "handshake_failed"
+    assert not cli.handshake_done and not s.handshake_done
+
+
+def test_client_profile_openssl_refuses_tls13_ciphersuites(certs: Path) -> None:
+    with pytest.raises(ConfigError, match=r"client profile 'out'.*cannot restrict TLS 1.3"):
+        out("openssl", certs, tls13_ciphersuites="TLS_AES_128_GCM_SHA256")
+
+
+@pytest.mark.skipif(AVAILABLE["gnutls"] is not None, reason=f"gnutls: {AVAILABLE['gnutls']}")
+def test_client_profile_gnutls_tls13_ciphersuites_need_tls12_ciphers(certs: Path) -> None:
+    # The same rule as for a server profile: one cipher list for TLS 1.2 and 1.3.
+    with pytest.raises(ConfigError, match=r"client profile 'out'.*'tls13_ciphersuites' alone"):
+        out("gnutls", certs, tls13_ciphersuites="TLS_AES_128_GCM_SHA256")
+
+
+@each_client
+@each_server
+@each_version
+def test_client_profile_groups(cli_engine: str, srv_engine: str, certs: Path,
+                               version: str) -> None:
+    def srv() -> TlsEngine:
+        return serving(srv_engine, certs, groups="prime256v1", min_version=version,
+                       max_version=version)
+
+    # prime256v1 and secp384r1: spellings every engine's `groups` takes.
+    cli = out(cli_engine, certs, groups="prime256v1")
+    handshake(cli, srv())
+    assert cli.facts().version == version
+    # The ECDSA certificate leaves TLS 1.2 no key exchange without a common group either.
+    cli = out(cli_engine, certs, groups="secp384r1")
+    err, _ = failed_handshake(cli, s := srv())
+    assert err is not None and err.reason == "handshake_failed"
+    assert not cli.handshake_done and not s.handshake_done
+
+
+@each_switching_client
+@each_switching
+def test_client_profile_several_groups(cli_engine: str, srv_engine: str, certs: Path) -> None:
+    for served, ok in (("secp384r1", True), ("X25519", True), ("P-256", False)):
+        srv = serving(srv_engine, certs, groups=served)
+        cli = out(cli_engine, certs, groups="X25519:secp384r1")
+        if ok:
+            handshake(cli, srv)
+        else:
+            err, _ = failed_handshake(cli, srv)
+            assert err is not None and not cli.handshake_done
+
+
+@each_client
+@each_version
+def test_client_profile_versions_and_ciphers(cli_engine: str, certs: Path, version: str) -> None:
+    # The server takes both versions and any suite: the client's profile decides.
+    cli = out(cli_engine, certs, min_version=version, max_version=version)
+    handshake(cli, serving("openssl", certs))
+    assert cli.facts().version == version
+    # The server would choose ECDHE-ECDSA-AES256-GCM-SHA384.
+    cli = out(cli_engine, certs, max_version="TLSv1.2", ciphers="ECDHE-ECDSA-AES128-GCM-SHA256")
+    handshake(cli, serving("openssl", certs))
+    assert cli.facts().cipher == "ECDHE-ECDSA-AES128-GCM-SHA256"
+    cli = out(cli_engine, certs, min_version="TLSv1.3")
+    err, _ = failed_handshake(cli, serving("openssl", certs, max_version="TLSv1.2"))
+    assert err is not None and not cli.handshake_done
+
+
+@each_client
+@pytest.mark.parametrize(("key", "value"), [
+    ("groups", "X25519:bogus"),
+    ("groups", "brainpoolP999r1"),
+    ("tls13_ciphersuites", "TLS_AES_256_GCM_SHA384:TLS_BOGUS_SHA256"),
+    ("tls13_ciphersuites", "?TLS_AES_128_GCM_SHA256"),
+])
+def test_client_profile_unknown_names_are_refused(cli_engine: str, certs: Path, key: str,
+                                                  value: str) -> None:
+    # openssl: one group only, and no TLS 1.3 suites at all; refused all the same.
+    match = (r"client profile 'out'.*cannot restrict TLS 1.3"
+             if cli_engine == "openssl" and key == "tls13_ciphersuites"
+             else rf"client profile 'out': '{key}'")
+    with pytest.raises(ConfigError, match=match):
+        out(cli_engine, certs, min_version="TLSv1.3", **{key: value})
+
+
+@each_client
+def test_client_profile_builds_its_context_once(cli_engine: str, certs: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files are read when the profile is loaded (start-up, reload), not per connection."""
+    factory = client_engine_factory(ClientProfile(
+        name="out", engine=cli_engine, ca_list=certs / "ca.pem", crl=certs / "crl.pem"))
+    monkeypatch.setattr(Path, "read_bytes", lambda *_: pytest.fail("a file was read"))
+    for _ in range(2):
+        cli = factory("localhost")
+        handshake(cli, serving("openssl", certs))
+        assert cli.facts().peer_verified
+
+
+@each_client
+def test_client_profiles_from_the_configuration(cli_engine: str, certs: Path, hashed_dir: Path,
+                                                tmp_path: Path) -> None:
+    """[client.NAME] keys as the outbound side takes them: every one is honoured or refused."""
+    from tlsbridge.daemon.config import load_config
+    from tlsbridge.daemon.outbound import Connector
+
+    tls13 = "" if cli_engine == "openssl" else 'tls13_ciphersuites = "TLS_AES_256_GCM_SHA384"'
+    path = tmp_path / "tlsbridge.toml"
+    path.write_text(f"""
+[kamailio]
+hairpin = "127.0.0.1:5062"
+
+[profile.default]
+certificate = "{certs / 'default.pem'}"
+private_key = "{certs / 'default.key'}"
+
+[[listener]]
+address = "127.0.0.1:5061"
+
+[client.out]
+engine = "{cli_engine}"
+ca_path = "{hashed_dir}"
+crl = "{certs / 'crl.pem'}"
+min_version = "TLSv1.3"
+groups = "secp384r1"
+{tls13}
+""")
+    config = load_config(path)
+    assert config.clients["out"].groups == "secp384r1"
+    cli = Connector.check(config)["out"]("localhost")
+    srv = serving("openssl", certs, groups="secp384r1")
+    handshake(cli, srv)
+    assert cli.facts().version == "TLSv1.3" and cli.facts().peer_verified
+    path.write_text(path.read_text().replace('"secp384r1"', '"X25519:nope"'))
+    with pytest.raises(ConfigError, match=r"client profile 'out': 'groups'"):
+        Connector.check(load_config(path))

@@ -128,3 +128,26 @@ def test_client_engine_refuses_the_wrong_name(engine: str, certs: Path) -> None:
         with pytest.raises(Exception) as info:
             handshake(cli, sock)
         assert getattr(info.value, "reason", "") == "verify_failed"
+
+
+@pytest.mark.parametrize("tool", list(TOOLS))
+@pytest.mark.parametrize("engine", ENGINES)
+def test_client_profile_against_real_server(engine: str, tool: str, certs: Path) -> None:
+    """A [client.NAME] profile built as the outbound side builds it, with only secp384r1 and
+    (where the engine can) only ChaCha20 offered, meets another stack that takes any: the
+    handshake succeeds on the profile's suite."""
+    from tlsbridge.daemon.config import ClientProfile
+    from tlsbridge.daemon.engines.registry import client_engine_factory
+
+    kw = {} if engine == "openssl" else {"tls13_ciphersuites": "TLS_CHACHA20_POLY1305_SHA256"}
+    factory = client_engine_factory(ClientProfile(
+        name="out", engine=engine, ca_list=certs / "ca.pem", min_version="TLSv1.3",
+        groups="secp384r1", **kw))
+    with server(tool, certs, "TLSv1.3") as port, \
+            socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        cli = factory("server.example.test")
+        handshake(cli, sock)
+        facts = cli.facts()
+        assert facts.version == "TLSv1.3" and facts.peer_verified
+        if engine != "openssl":
+            assert facts.cipher == "TLS_CHACHA20_POLY1305_SHA256"
