@@ -7,6 +7,7 @@ Decoding is strict: anything the spec does not allow raises `ProxyError`.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import struct
@@ -257,7 +258,7 @@ def _to_ip(host: object, what: str) -> _IP:
         addr: _IP = host
     elif isinstance(host, str):
         try:
-            addr = ipaddress.ip_address(host)
+            addr = _parse_ip(host)
         except ValueError:
             raise ProxyError(f"{what} address {host!r} is not an IP address") from None
     else:
@@ -265,6 +266,18 @@ def _to_ip(host: object, what: str) -> _IP:
     if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
         raise ProxyError(f"{what} address {host!r} has a zone index, which PROXY cannot carry")
     return addr
+
+
+# A daemon writes a header per connection, mostly for the same few listeners and peers:
+# parsing and formatting addresses once each keeps ipaddress off its hot path.
+@functools.lru_cache(maxsize=4096)
+def _parse_ip(host: str) -> _IP:
+    return ipaddress.ip_address(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip_text(addr: _IP) -> str:
+    return str(addr)
 
 
 def _to_port(port: object, what: str) -> int:
@@ -302,7 +315,7 @@ def encode_v1(src: Address | None, dst: Address | None) -> bytes:
         return b"PROXY UNKNOWN\r\n"
     s, sp, d, dp = ep
     family = "TCP4" if s.version == 4 else "TCP6"
-    line = f"PROXY {family} {s} {d} {sp} {dp}\r\n".encode("ascii")
+    line = f"PROXY {family} {_ip_text(s)} {_ip_text(d)} {sp} {dp}\r\n".encode("ascii")
     if len(line) > V1_MAX_LEN:
         raise ProxyError(f"v1 line is {len(line)} bytes, max {V1_MAX_LEN}")
     return line
