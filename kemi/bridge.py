@@ -33,7 +33,9 @@ from tlsbridge.shared.settings import Trunk, load_settings
 
 DEFAULT_CONFIG = "/etc/tlsbridge/tlsbridge.toml"
 HTABLE = "tlsb"
-_CACHE_SIZE = 4096
+# Facts of this worker's most recent connections (by $conid): a dialog's next requests skip the
+# map. Small, because every entry stays in the worker's heap (~1-3 KiB) and the map is cheap.
+_CACHE_SIZE = 256
 _LOCAL_CERTS = 64  # our own certificates, parsed once each (profiles x reloads)
 RESUME_RETRY_FOR = 2.0  # seconds to keep trying t_continue for a transaction not yet suspended
 
