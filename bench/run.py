@@ -34,8 +34,8 @@ from tlsbench.systems import SYSTEMS, Settings, System, running  # noqa: E402
 from tlsbench.workloads import run_idle, run_rate, wait_time_wait  # noqa: E402
 
 log = setup.log
-ORDER = ["haproxy", "tlsbridge", "kamailio", "tlsbridge-pyopenssl", "tlsbridge-gnutls",
-         "tlsbridge-nofacts"]
+ORDER = ["haproxy", "tlsbridge", "tlsbridge-1w", "kamailio", "tlsbridge-pyopenssl",
+         "tlsbridge-gnutls", "tlsbridge-nofacts"]
 DEFAULT_SYSTEMS = "haproxy,tlsbridge,kamailio"
 
 

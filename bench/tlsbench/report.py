@@ -120,6 +120,28 @@ def _median_of(records: list[dict[str, Any]], system: str, workload: str, key: s
     return f"{statistics.median(vals):.2f}" if vals else "-"
 
 
+def _scaling(records: list[dict[str, Any]], systems: list[str],
+             labels: dict[str, str]) -> list[str]:
+    """tlsbridge with N workers against tlsbridge-1w, paired by repeat."""
+    if not {"tlsbridge", "tlsbridge-1w"} <= set(systems):
+        return []
+    lines = []
+    for workload, what in (("w1", "W1 transactions/s"), ("w2", "W2 new TLS connections/s")):
+        rate = Metric(f"{workload}_rate", workload, "rate", what, "", "higher")
+        ratios = []
+        for rep in sorted({r["repeat"] for r in records}):
+            many = _value(records, rep, "tlsbridge", rate)
+            one = _value(records, rep, "tlsbridge-1w", rate)
+            if many and one:
+                ratios.append(many / one)
+        if ratios:
+            lines.append(f"- {what}: {statistics.median(ratios):.2f}{X}")
+    if not lines:
+        return []
+    return ["", f"Scaling, {labels['tlsbridge']} against {labels['tlsbridge-1w']} (median of "
+            "the per-repeat ratios):", "", *lines]
+
+
 def markdown(*, title: str, meta: dict[str, str], records: list[dict[str, Any]],
              systems: list[str], labels: dict[str, str], metrics: list[Metric],
              summary: dict[str, dict[str, dict[str, Any]]], chart: str | None,
@@ -160,6 +182,7 @@ def markdown(*, title: str, meta: dict[str, str], records: list[dict[str, Any]],
                 split = _split(records, s, w, "kib_per_conn_by")
                 if split:
                     lines.append(f"- {labels[s]}, {w.upper()}: {split}")
+    lines += _scaling(records, systems, labels)
     if chart:
         lines += ["", f"![ratios vs HAProxy + Kamailio]({chart})"]
     if notes:

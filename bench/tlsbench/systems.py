@@ -10,6 +10,7 @@
   tlsbridge-pyopenssl, tlsbridge-gnutls  (not run by default) the daemon on another engine
   tlsbridge-nofacts  (diagnostic, not run by default) tlsbridge, with routing.py's OPTIONS
               answered without the facts look-up (bench/kamailio/routing_nofacts.py).
+  tlsbridge-1w  (for `--workers N` runs) tlsbridge with one worker: the scaling baseline.
 
 All use one ECDSA P-256 certificate, the same number of Kamailio children, and the same shared
 memory size.
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tlsbench.procs import Proc, free_port, session_pids, wait_until
@@ -293,6 +294,17 @@ class TlsBridgeNoFactsSystem(TlsBridgeSystem):
     script = BENCH_KAM / "routing_nofacts.py"
 
 
+class TlsBridgeOneWorkerSystem(TlsBridgeSystem):
+    """The scaling baseline of a `--workers N` run: the same daemon with one worker."""
+
+    key = "tlsbridge-1w"
+    label = "tlsbridge, 1 worker + Kamailio"
+
+    def _start(self) -> None:
+        self.s = replace(self.s, workers=1)
+        super()._start()
+
+
 class TlsBridgePyOpenSSLSystem(TlsBridgeSystem):
     key = "tlsbridge-pyopenssl"
     label = "tlsbridge (pyopenssl engine) + Kamailio"
@@ -367,7 +379,7 @@ require_certificate = no
 SYSTEMS: dict[str, type[System]] = {
     cls.key: cls
     for cls in (HAProxySystem, TlsBridgeSystem, KamailioTlsSystem, TlsBridgeNoFactsSystem,
-                TlsBridgePyOpenSSLSystem, TlsBridgeGnuTLSSystem)
+                TlsBridgePyOpenSSLSystem, TlsBridgeGnuTLSSystem, TlsBridgeOneWorkerSystem)
 }
 
 
