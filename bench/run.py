@@ -36,7 +36,7 @@ from tlsbench.workloads import run_idle, run_rate, wait_time_wait  # noqa: E402
 log = setup.log
 ORDER = ["haproxy", "tlsbridge", "tlsbridge-1w", "kamailio", "tlsbridge-pyopenssl",
          "tlsbridge-gnutls", "tlsbridge-nofacts"]
-DEFAULT_SYSTEMS = "haproxy,tlsbridge,kamailio"
+DEFAULT_SYSTEMS = "haproxy,tlsbridge,kamailio,tlsbridge-pyopenssl,tlsbridge-gnutls"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
