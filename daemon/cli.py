@@ -70,13 +70,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from tlsbridge.daemon.engines.registry import server_engine_factory
+    from tlsbridge.daemon.outbound import Connector
+    from tlsbridge.daemon.server import build_factories
 
     config = _config(args)
     for name, profile in config.profiles.items():
         server_engine_factory(profile.engine, profile)
         print(f"profile {name}: certificate {profile.certificate} ok (engine {profile.engine})")
+    build_factories(config)  # what start-up builds: SNI profiles must suit their listener
     for lst in config.listeners:
-        print(f"listener {lst.address} -> profile {lst.profile}")
+        sni = f" (SNI: {', '.join(lst.sni_profiles)})" if lst.sni_profiles else ""
+        print(f"listener {lst.address} -> profile {lst.profile}{sni}")
+    Connector.check(config)
+    for name, client in config.clients.items():
+        print(f"client profile {name}: ok (engine {client.engine})")
     print(f"hairpin -> {config.hairpin.host}:{config.hairpin.port} "
           f"(PROXY v{config.hairpin.proxy_protocol})")
     print(f"events  {config.events_endpoint}\ncontrol {config.control_endpoint}")

@@ -48,6 +48,7 @@ from tlsbridge.shared.settings import lookup_socket_of
 log = logging.getLogger("tlsbridge")
 
 FORWARD_TIMEOUT = 5.0
+EVENT_BATCH = 1000  # events handled per wake-up before other work gets its turn
 _COUNTED_HERE = ("events", "tls.failed.", "hairpin.failed.", "conn.closed.", "bytes_")
 RESTART_DELAY = 1.0
 
@@ -226,15 +227,28 @@ class Supervisor:
         self._events.send(frames)
 
     async def _pump_events(self) -> None:
+        # One wake-up takes all that is queued: under load the workers' events come in bursts,
+        # and each asyncio receive costs more than the event's own handling.
+        pull = zmq.Socket.shadow(self._pull.underlying)
         while True:
-            frames = await self._pull.recv_multipart()
-            try:
-                event = ev.decode_event(frames)
-            except ev.EventError as exc:
-                log.error("bad event from a worker: %s", exc)
-                continue
-            self._track(event)
-            self._publish(event.type, event.conn, **event.fields)
+            await self._pull.poll(flags=zmq.POLLIN)
+            for _ in range(EVENT_BATCH):
+                try:
+                    frames = pull.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._republish(frames)
+            else:
+                await asyncio.sleep(0)  # more is queued: let other work have its turn first
+
+    def _republish(self, frames: list[bytes]) -> None:
+        try:
+            event = ev.decode_event(frames)
+        except ev.EventError as exc:
+            log.error("bad event from a worker: %s", exc)
+            return
+        self._track(event)
+        self._publish(event.type, event.conn, **event.fields)
 
     def _track(self, event: ev.Event) -> None:
         conn = event.conn

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -270,3 +272,23 @@ def test_proxy_protocol_must_be_an_integer(etc: Path, value: str) -> None:
     path = write(etc, edit(VALID, "proxy_protocol = 2", f"proxy_protocol = {value}"))
     with pytest.raises(ConfigError, match=r"kamailio\.proxy_protocol"):
         load_config(path)
+
+
+def _check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tlsbridge.daemon.cli", "check", "--offline",
+                           "-c", str(path)], capture_output=True, text=True, timeout=60)
+
+
+def test_check_refuses_what_start_up_would(etc: Path) -> None:
+    """`tlsbridge check` builds what the daemon builds: listeners with their SNI profiles and
+    the client profiles, not only each server profile alone."""
+    ok = _check(write(etc, VALID + '\n[client.out]\nca_list = "certs/ca.pem"\n'))
+    assert ok.returncode == 0, ok.stderr
+    assert "client profile out: ok" in ok.stdout
+    sni = VALID.replace('address = "0.0.0.0:5061"\n',
+                        'address = "0.0.0.0:5061"\nprofiles = ["strict"]\n', 1)
+    sni = sni.replace('verify_client = "on"\n', 'verify_client = "on"\nserver_names = ["a.test"]\n')
+    bad_sni = _check(write(etc, sni))  # openssl: SNI profiles must verify as the default does
+    assert bad_sni.returncode == 2 and "verify_client" in bad_sni.stderr
+    bad_client = _check(write(etc, VALID + '\n[client.out]\ngroups = "no-such-group"\n'))
+    assert bad_client.returncode == 2 and "client profile 'out'" in bad_client.stderr
