@@ -3,6 +3,7 @@ published closed, and is replaced."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,7 +15,9 @@ import pytest
 from tests.integration.conftest import start_stack, stop_stack
 from tests.support.procs import wait_until
 from tests.support.sip import TlsUA
-from tlsbridge.shared.addr import format_addr
+from tlsbridge.shared.addr import format_addr, parse_addr
+from tlsbridge.shared.factsmap import FactsMapReader, facts_map_of
+from tlsbridge.shared.settings import load_settings
 
 pytestmark = [pytest.mark.integration]
 
@@ -53,6 +56,31 @@ def test_a_dead_worker_is_replaced(tmp_path: Path, certs: dict[str, Path]) -> No
             finally:
                 fresh.close()
         assert stack.daemon.request("stats")["counters"]["worker_restarts"] == 1
+    finally:
+        for ua in uas:
+            ua.close()
+        stop_stack(stack)
+
+
+def test_every_worker_writes_the_facts_map(tmp_path: Path, certs: dict[str, Path]) -> None:
+    """Kamailio reads each connection's facts from the map, whichever worker holds it."""
+    stack = start_stack(tmp_path, certs, engine="openssl-x2")
+    uas: list[TlsUA] = []
+    try:
+        for _ in range(6):
+            ua = TlsUA(*stack.tls_addr, ca=stack.ca)
+            assert ua.request("OPTIONS", f"sip:127.0.0.1:{stack.tls_port}").status == 200
+            uas.append(ua)
+        listed = stack.daemon.request("list")["conns"]
+        assert {(c["conn"]["id"] - 1) % 2 for c in listed} == {0, 1}  # both workers serve
+        reader = FactsMapReader(facts_map_of(load_settings(stack.daemon.config).run_dir))
+        for item in listed:
+            hairpin = item["conn"]["hairpin"]
+            raw = reader.get(parse_addr(hairpin)[1])
+            assert raw is not None, f"no map entry for {hairpin}"
+            entry = json.loads(raw)
+            assert entry["conn"] == item["conn"]
+            assert entry["tls"]["cipher"] == item["tls"]["cipher"]
     finally:
         for ua in uas:
             ua.close()
