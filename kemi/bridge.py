@@ -99,9 +99,9 @@ class TlsBridge(RoutingMixin):
         self.trunks = dict(trunks if trunks is not None else settings_trunks)
         self.lookup_socket = lookup_socket or ""
         self.facts_map = facts_map or ""
-        # Off: each worker asks the daemon once per connection (one datagram each way) and
-        # caches by $conid. On: the rtimer process also copies every connection's facts into
-        # htable, which costs Kamailio ~0.1 ms per connection whether or not they are used.
+        # Off: each worker reads a connection's facts from the facts map (or asks the daemon)
+        # and caches them by $conid. On: the rtimer process also copies every connection's
+        # facts into htable, which costs Kamailio ~0.1 ms per connection whether or not used.
         self.facts_in_htable = facts_in_htable
         self._outcomes: dict[tuple[int, int], Outcome] = {}
         self._waiting: list[tuple[float, dict[str, Any], Outcome]] = []
