@@ -45,17 +45,21 @@ def unlink(endpoint: str) -> None:
 class EventSink:
     """Sends event frames without ever blocking; counts what it had to drop.
 
-    Events wait up to FLUSH_DELAY and leave together: each send to an idle ZeroMQ pipe wakes
-    its I/O thread, which on a busy core costs more than the event itself. Kamailio's rtimer
-    reads events every 50 ms, so the delay is invisible to it.
+    A publisher's events wait up to FLUSH_DELAY and leave together: each send to an idle
+    ZeroMQ pipe wakes its I/O thread, which on a busy core costs more than the event itself.
+    Kamailio's rtimer reads events every 50 ms, so the delay is invisible to it. A worker's
+    events go to its supervisor at once: the supervisor counts connections across workers by
+    them, and a late close would refuse a connection there is room for.
     """
 
     FLUSH_DELAY = 0.002
     MAX_QUEUED = 4096
 
-    def __init__(self, sock: zmq.Socket, on_drop: Callable[[], None]) -> None:
+    def __init__(self, sock: zmq.Socket, on_drop: Callable[[], None],
+                 delay: float = 0.0) -> None:
         self.sock = sock
         self.on_drop = on_drop
+        self.delay = delay
         self._queued: list[list[bytes]] = []
         self._flush_at: asyncio.TimerHandle | None = None
 
@@ -68,7 +72,7 @@ class EventSink:
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.LINGER, 0)
         bind(sock, endpoint)
-        return cls(sock, on_drop)
+        return cls(sock, on_drop, cls.FLUSH_DELAY)
 
     @classmethod
     def pusher(cls, endpoint: str, hwm: int, on_drop: Callable[[], None]) -> EventSink:
@@ -80,6 +84,9 @@ class EventSink:
 
     def send(self, frames: list[bytes]) -> None:
         self._queued.append(frames)
+        if not self.delay:
+            self.flush()
+            return
         if self._flush_at is not None:
             if len(self._queued) >= self.MAX_QUEUED:
                 self.flush()
@@ -89,7 +96,7 @@ class EventSink:
         except RuntimeError:  # outside the loop (start-up, shutdown): at once
             self.flush()
             return
-        self._flush_at = loop.call_later(self.FLUSH_DELAY, self.flush)
+        self._flush_at = loop.call_later(self.delay, self.flush)
 
     def flush(self) -> None:
         if self._flush_at is not None:

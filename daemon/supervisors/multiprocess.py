@@ -48,7 +48,6 @@ from tlsbridge.shared.settings import lookup_socket_of
 log = logging.getLogger("tlsbridge")
 
 FORWARD_TIMEOUT = 5.0
-EVENT_BATCH = 1000  # events handled per wake-up before other work gets its turn
 _COUNTED_HERE = ("events", "tls.failed.", "hairpin.failed.", "conn.closed.", "bytes_")
 RESTART_DELAY = 1.0
 
@@ -227,19 +226,8 @@ class Supervisor:
         self._events.send(frames)
 
     async def _pump_events(self) -> None:
-        # One wake-up takes all that is queued: under load the workers' events come in bursts,
-        # and each asyncio receive costs more than the event's own handling.
-        pull = zmq.Socket.shadow(self._pull.underlying)
         while True:
-            await self._pull.poll(flags=zmq.POLLIN)
-            for _ in range(EVENT_BATCH):
-                try:
-                    frames = pull.recv_multipart(flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._republish(frames)
-            else:
-                await asyncio.sleep(0)  # more is queued: let other work have its turn first
+            self._republish(await self._pull.recv_multipart())
 
     def _republish(self, frames: list[bytes]) -> None:
         try:
