@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import shutil
 import ssl
 import subprocess
@@ -14,32 +13,15 @@ from pathlib import Path
 import pytest
 import trustme
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 
 from tests.integration.conftest import Stack, start_stack, stop_stack
+from tests.support.pki import write_crl
 from tests.support.procs import free_tcp_udp_port
 from tests.support.sip import TlsUA
 from tlsbridge.shared import events as ev
 
 pytestmark = [pytest.mark.integration]
-
-
-def write_crl(ca: trustme.CA, revoked: trustme.LeafCert, path: Path) -> None:
-    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
-    key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
-    leaf = x509.load_pem_x509_certificate(revoked.cert_chain_pems[0].bytes())
-    now = datetime.datetime.now(datetime.UTC)
-    crl = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca_cert.subject)
-        .last_update(now - datetime.timedelta(minutes=1))
-        .next_update(now + datetime.timedelta(days=1))
-        .add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(leaf.serial_number)
-            .revocation_date(now - datetime.timedelta(minutes=1)).build())
-        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
-    )
-    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
 
 
 @dataclass

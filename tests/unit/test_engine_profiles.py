@@ -8,7 +8,6 @@ module cannot restrict TLS 1.3), each where it runs.
 
 from __future__ import annotations
 
-import datetime
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,9 +15,8 @@ from typing import Any
 
 import pytest
 import trustme
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 
+from tests.support.pki import write_crl
 from tests.unit.test_engines import (
     AVAILABLE,
     EACH,
@@ -53,24 +51,6 @@ each_restricted_client = pytest.mark.parametrize("cli_kind", SWITCHING)
 # ---- certificates -----------------------------------------------------------------------
 
 
-def _write_crl(ca: trustme.CA, revoked: trustme.LeafCert, path: Path) -> None:
-    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
-    key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
-    leaf = x509.load_pem_x509_certificate(revoked.cert_chain_pems[0].bytes())
-    now = datetime.datetime.now(datetime.UTC)
-    crl = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca_cert.subject)
-        .last_update(now - datetime.timedelta(minutes=1))
-        .next_update(now + datetime.timedelta(days=1))
-        .add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(leaf.serial_number)
-            .revocation_date(now - datetime.timedelta(minutes=1)).build())
-        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
-    )
-    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("profiles")
@@ -91,7 +71,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     issue(ca, "client", "client.example.net")
     revoked = issue(ca, "revoked", "revoked.example.net")
     issue(other, "rogue", "rogue.example.net")
-    _write_crl(ca, revoked, d / "crl.pem")
+    write_crl(ca, revoked, d / "crl.pem")
     return d
 
 

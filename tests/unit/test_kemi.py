@@ -503,13 +503,23 @@ SERVER_FACTS = dataclasses.replace(MTLS_FACTS, local=dataclasses.replace(
     CLIENT_CERT, subject=_dn("sip.example.com"), fingerprint_sha256=":".join(["CD"] * 32)))
 
 
-def test_facts_map_hit_after_one_look_up_for_our_certificate(
-    ksr: testing.FakeKSR, make_bridge: Callable[..., TlsBridge], daemon: FakeDaemon,
-    tmp_path: Path,
-) -> None:
+@pytest.fixture
+def map_path(tmp_path: Path) -> str:
     path = str(tmp_path / "facts.map")
     factsmap.create(path, regions=1, size=128 * 1024)
-    bridge = make_bridge(facts_map=path, facts_in_htable=False)
+    return path
+
+
+@pytest.fixture
+def mapped(make_bridge: Callable[..., TlsBridge], map_path: str) -> TlsBridge:
+    """A bridge that reads the facts map first (as configured by tlsbridge.toml)."""
+    return make_bridge(facts_map=map_path, facts_in_htable=False)
+
+
+def test_facts_map_hit_after_one_look_up_for_our_certificate(
+    ksr: testing.FakeKSR, mapped: TlsBridge, daemon: FakeDaemon, map_path: str,
+) -> None:
+    bridge, path = mapped, map_path
     first, second = conn(1), conn(2)
     for ref in (first, second):
         put_map(path, ref, SERVER_FACTS)
@@ -528,12 +538,9 @@ def test_facts_map_hit_after_one_look_up_for_our_certificate(
 
 
 def test_facts_map_entry_of_an_earlier_hairpin_is_not_taken(
-    ksr: testing.FakeKSR, make_bridge: Callable[..., TlsBridge], daemon: FakeDaemon,
-    tmp_path: Path,
+    ksr: testing.FakeKSR, mapped: TlsBridge, daemon: FakeDaemon, map_path: str,
 ) -> None:
-    path = str(tmp_path / "facts.map")
-    factsmap.create(path, regions=1, size=128 * 1024)
-    bridge = make_bridge(facts_map=path, facts_in_htable=False)
+    bridge, path = mapped, map_path
     old, new = conn(1, hairpin_port=41500), conn(2, hairpin_port=41500)
     put_map(path, old, MTLS_FACTS)  # the port's entry is of its previous user
     daemon.add(new, MTLS_FACTS)
