@@ -166,24 +166,30 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_events(args: argparse.Namespace) -> int:
     import zmq
 
-    from tlsbridge.shared.events import SeqTracker, decode_event
+    from tlsbridge.shared.events import EventError, SeqTracker, decode_event
 
     endpoint = args.events or _config(args).events_endpoint
     sock = zmq.Context.instance().socket(zmq.SUB)
     sock.setsockopt(zmq.SUBSCRIBE, args.filter.encode())
     sock.connect(endpoint)
     end = time.monotonic() + args.duration if args.duration else None
-    tracker = SeqTracker()
+    # The sequence counts every event: with a filter the others are gaps, not losses.
+    tracker = SeqTracker() if not args.filter else None
     try:
         while end is None or time.monotonic() < end:
             if not sock.poll(200):
                 continue
-            event = decode_event(sock.recv_multipart())
-            lost = tracker.lost
-            tracker.observe(event)
-            if tracker.lost > lost:
-                print(f"# {tracker.lost - lost} events lost (this subscriber fell behind)",
-                      file=sys.stderr, flush=True)
+            try:
+                event = decode_event(sock.recv_multipart())
+            except EventError as exc:
+                print(f"# a bad event: {exc}", file=sys.stderr, flush=True)
+                continue
+            if tracker is not None:
+                lost = tracker.lost
+                tracker.observe(event)
+                if tracker.lost > lost:
+                    print(f"# {tracker.lost - lost} events lost (this subscriber fell behind)",
+                          file=sys.stderr, flush=True)
             if args.json:
                 print(json.dumps(event.to_dict(), default=str), flush=True)
             else:

@@ -1,0 +1,73 @@
+"""`tlsbridge events` against a publisher of our own: what it prints, and what it calls a loss."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from tlsbridge.shared import events as ev
+from tlsbridge.shared.events import ConnRef, EventEncoder
+
+CONN = ConnRef(id=7, peer="198.51.100.7:40001", direction="in", hairpin="127.0.0.1:41001")
+
+
+@pytest.fixture
+def publisher(tmp_path: Path) -> Iterator[tuple[zmq.Socket, str]]:
+    sock = zmq.Context.instance().socket(zmq.XPUB)  # XPUB: we see the subscription arrive
+    endpoint = f"ipc://{tmp_path}/events.sock"
+    sock.bind(endpoint)
+    yield sock, endpoint
+    sock.close(linger=0)
+
+
+def follow(publisher: tuple[zmq.Socket, str], sends: list[list[bytes]],
+           *flags: str) -> tuple[list[dict], str]:
+    sock, endpoint = publisher
+    proc = subprocess.Popen([sys.executable, "-m", "tlsbridge.daemon.cli", "events",
+                             "--events", endpoint, "--json", "--duration", "2", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert sock.poll(10_000), "the CLI never subscribed"
+        sock.recv()  # its subscription
+        for frames in sends:
+            sock.send_multipart(frames)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    return [json.loads(line) for line in out.splitlines()], err
+
+
+def test_prints_events_and_says_when_some_were_lost(publisher: tuple[zmq.Socket, str]) -> None:
+    enc = EventEncoder("src1")
+    first = enc.encode(ev.TLS_FAILED, CONN, reason="handshake_failed", detail="x")[1]
+    enc.encode(ev.CONN_CLOSED, CONN, reason="closed")  # never sent: lost on the way
+    third = enc.encode(ev.CONN_CLOSED, CONN, reason="peer_closed")[1]
+    printed, err = follow(publisher, [first, third])
+    assert [(e["type"], e["seq"], e["reason"]) for e in printed] == [
+        ("tls.failed", 1, "handshake_failed"), ("conn.closed", 3, "peer_closed")]
+    assert "# 1 events lost" in err
+
+
+def test_a_filter_is_not_a_loss(publisher: tuple[zmq.Socket, str]) -> None:
+    enc = EventEncoder("src1")
+    closed = enc.encode(ev.CONN_CLOSED, CONN, reason="closed")[1]
+    skipped = enc.encode(ev.TLS_FAILED, CONN, reason="handshake_failed", detail="x")[1]
+    closed_too = enc.encode(ev.CONN_CLOSED, CONN, reason="peer_closed")[1]
+    printed, err = follow(publisher, [closed, skipped, closed_too], "--filter", "conn.")
+    assert [(e["type"], e["seq"]) for e in printed] == [("conn.closed", 1), ("conn.closed", 3)]
+    assert "lost" not in err  # seq 2 was not for us
+
+
+def test_a_bad_event_is_reported_and_skipped(publisher: tuple[zmq.Socket, str]) -> None:
+    good = EventEncoder("src1").encode(ev.CONN_CLOSED, CONN, reason="closed")[1]
+    printed, err = follow(publisher, [[b"conn.closed", b"\xc1 not msgpack"], good])
+    assert [e["type"] for e in printed] == ["conn.closed"]
+    assert "# a bad event" in err
