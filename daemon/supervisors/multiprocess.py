@@ -232,6 +232,8 @@ class Supervisor:
 
     def _drain_events(self) -> None:
         # ZeroMQ's descriptor signals an edge: take everything queued, in bounded turns.
+        if self._pull.closed:  # a turn scheduled before shutdown
+            return
         for _ in range(EVENT_BATCH):
             if not self._pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
