@@ -93,6 +93,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     findings = [("warning", f"certificate {e.path} ({e.owner}) expires {e.not_after}: "
                  f"{e.days_left:.0f} days left")
                 for e in expiring(config, config.cert_expiry_days)]
+    findings.append(kamcheck.check_run_dir(config))
     if args.kamailio_cfg:
         findings += kamcheck.check_cfg_file(Path(args.kamailio_cfg), config)
     if not args.offline:

@@ -79,6 +79,39 @@ def check_cfg_file(path: Path, config: Config) -> list[Finding]:
         return [("error", f"cannot read {path}: {exc.strerror}")]
 
 
+_MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
+
+
+def filesystem_of(path: Path, mounts: str) -> str:
+    """The type of the filesystem holding `path`, from the text of /proc/mounts."""
+    best, fstype = "", "unknown"
+    target = str(path.resolve())
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, fields[2]
+    return fstype
+
+
+def check_run_dir(config: Config, mounts: str | None = None) -> Finding:
+    """Kamailio's workers read each connection's facts from the facts map in run_dir: on a
+    disk it costs writeback for nothing."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return "ok", f"run_dir {config.run_dir}: filesystem unknown"
+    fstype = filesystem_of(config.run_dir, mounts)
+    if fstype in _MEMORY_FILESYSTEMS:
+        return "ok", f"run_dir {config.run_dir} is on {fstype}"
+    return "warning", (f"run_dir {config.run_dir} is on {fstype}, not tmpfs: the facts map "
+                       "there is written for every connection; put run_dir under /run")
+
+
 def warn_at_start(config: Config) -> None:
     """What an operator must know before the first connection: logged, never fatal."""
     import ipaddress

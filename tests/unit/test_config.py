@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tlsbridge.daemon import kamcheck
 from tlsbridge.daemon.config import ConfigError, ServerProfile, load_config
 from tlsbridge.daemon.tls_context import server_context
 
@@ -292,3 +293,27 @@ def test_check_refuses_what_start_up_would(etc: Path) -> None:
     assert bad_sni.returncode == 2 and "verify_client" in bad_sni.stderr
     bad_client = _check(write(etc, VALID + '\n[client.out]\ngroups = "no-such-group"\n'))
     assert bad_client.returncode == 2 and "client profile 'out'" in bad_client.stderr
+
+
+MOUNTS = """\
+/dev/vda / ext4 rw,relatime 0 0
+tmpfs /run tmpfs rw,nosuid 0 0
+tmpfs /run/user/1000 tmpfs rw 0 0
+/dev/vdb /srv/my\\040data xfs rw 0 0
+"""
+
+
+@pytest.mark.parametrize(("path", "fstype"), [
+    ("/run/tlsbridge", "tmpfs"), ("/run", "tmpfs"), ("/running", "ext4"),
+    ("/var/run-x/tlsbridge", "ext4"), ("/srv/my data/run", "xfs"),
+])
+def test_filesystem_of_a_run_dir(path: str, fstype: str) -> None:
+    assert kamcheck.filesystem_of(Path(path), MOUNTS) == fstype
+
+
+def test_check_warns_when_the_facts_map_would_live_on_a_disk(etc: Path) -> None:
+    config = load_config(write(etc, VALID.replace('run_dir = "run"', 'run_dir = "/run/tb"')))
+    assert kamcheck.check_run_dir(config, MOUNTS)[0] == "ok"
+    on_disk = load_config(write(etc, VALID.replace('run_dir = "run"', 'run_dir = "/srv/tb"')))
+    level, message = kamcheck.check_run_dir(on_disk, MOUNTS)
+    assert level == "warning" and "ext4" in message and "/run" in message
