@@ -109,7 +109,8 @@ def check_run_dir(config: Config, mounts: str | None = None) -> Finding:
     if fstype in _MEMORY_FILESYSTEMS:
         return "ok", f"run_dir {config.run_dir} is on {fstype}"
     return "warning", (f"run_dir {config.run_dir} is on {fstype}, not tmpfs: the facts map "
-                       "there is written for every connection; put run_dir under /run")
+                       "there is written for every connection; put run_dir on a tmpfs "
+                       "(/run on most systems)")
 
 
 def warn_at_start(config: Config) -> None:
