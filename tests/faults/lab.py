@@ -17,6 +17,7 @@ import resource
 import socket
 import ssl
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,7 +29,6 @@ import trustme
 
 from tests.integration.conftest import Stack
 from tests.support.procs import (
-    CFG,
     Daemon,
     EventTap,
     Kamailio,
@@ -94,19 +94,10 @@ class LabKamailio(Kamailio):
     def __init__(self, workdir: Path, *, sip_port: int, hairpin_port: int, tls_port: int,
                  bridge_config: Path, script: Path, env: dict[str, str],
                  children: int = 2) -> None:
-        self.sip_port, self.hairpin_port = sip_port, hairpin_port
-        self.ctl = f"unix:{workdir}/kamailio_ctl"
-        argv = [
-            "kamailio", "-f", str(CFG / "kamailio.cfg"), "-DD", "-E",
-            "-A", f"SIP_PORT={sip_port}", "-A", f"HAIRPIN_PORT={hairpin_port}",
-            "-A", f"TLS_PORT={tls_port}", "-A", f"CHILDREN={children}",
-            "-A", f'KEMI_SCRIPT="{script}"', "-A", f'CTL_SOCKET="{self.ctl}"',
-            "-Y", str(workdir), "-P", str(workdir / "kamailio.pid"),
-            "--loadmodule=cfg_rpc.so", "-m", str(self.SHM_MB),
-        ]
-        env = dict(os.environ, TLSBRIDGE_VENV=sys.prefix, TLSBRIDGE_CONFIG=str(bridge_config),
-                   **env)
-        Proc.__init__(self, "kamailio", argv, workdir / "kamailio.log", env)
+        super().__init__(workdir, sip_port=sip_port, hairpin_port=hairpin_port,
+                         tls_port=tls_port, bridge_config=bridge_config, script=script,
+                         children=children, env=env,
+                         extra_args=("--loadmodule=cfg_rpc.so", "-m", str(self.SHM_MB)))
 
     def raise_read_buffer(self) -> None:
         out = self.kamcmd("cfg.set_now_int", "tcp", "rd_buf_size", str(self.READ_BUFFER))
@@ -228,6 +219,20 @@ def lab_stack(workdir: Path, certs: dict[str, Path], *, with_kamailio: bool = Tr
 
 
 # -- resources ------------------------------------------------------------------------------
+
+
+def run_for(seconds: float, stop: threading.Event,
+            targets: list[Callable[[], object]]) -> None:
+    """Run `targets` in threads for `seconds`, then set `stop` and wait for them (bounded)."""
+    threads = [threading.Thread(target=t) for t in targets]
+    for t in threads:
+        t.start()
+    try:
+        stop.wait(seconds)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
 
 
 def raise_nofile(want: int) -> int:

@@ -3,6 +3,7 @@ connections, compared by SHA-256 both ways; a full handshake per transaction for
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import threading
@@ -21,6 +22,7 @@ from tests.faults.lab import (
     message_request,
     raise_nofile,
     random_body,
+    run_for,
     wait_until,
 )
 from tests.support.sip import TlsUA
@@ -143,15 +145,7 @@ def _churn(lab: Lab, seconds: float, threads: int = 4, max_count: int = 1_000_00
                 if len(failures) > 20:
                     return
 
-    workers = [threading.Thread(target=churner, args=(i,)) for i in range(threads)]
-    for w in workers:
-        w.start()
-    try:
-        stop.wait(seconds)
-    finally:
-        stop.set()
-        for w in workers:
-            w.join(30)
+    run_for(seconds, stop, [functools.partial(churner, i) for i in range(threads)])
     total = sum(done)
     print(f"{total} transactions, each on its own TLS connection, in {seconds:.0f} s")
     assert not failures, f"{len(failures)} unanswered, first: {failures[:3]}"

@@ -5,6 +5,7 @@ goes on intact, the daemon keeps running with bounded memory."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import socket
 import threading
@@ -27,6 +28,7 @@ from tests.faults.lab import (
     open_fds,
     raise_nofile,
     random_body,
+    run_for,
     wait_closed_event,
     wait_until,
 )
@@ -111,16 +113,7 @@ def _flood(lab: Lab, seconds: float, threads: int = 4, max_count: int = 200_000)
             latencies.append(time.monotonic() - t)
             time.sleep(0.05)
 
-    workers = [threading.Thread(target=flooder, args=(i,)) for i in range(threads)]
-    workers.append(threading.Thread(target=steady))
-    for w in workers:
-        w.start()
-    try:
-        stop.wait(seconds)
-    finally:
-        stop.set()
-        for w in workers:
-            w.join(30)
+    run_for(seconds, stop, [*(functools.partial(flooder, i) for i in range(threads)), steady])
     total = sum(done)
     assert not errors, f"{len(errors)} failures, first: {errors[:3]}"
     assert total > 20 * seconds, f"only {total} handshakes in {seconds} s"

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import zmq
@@ -105,6 +105,7 @@ class Kamailio(Proc):
     def __init__(
         self, workdir: Path, *, sip_port: int, hairpin_port: int, tls_port: int,
         bridge_config: Path, script: Path = CFG / "routing.py", children: int = 2,
+        extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
     ) -> None:
         self.sip_port, self.hairpin_port = sip_port, hairpin_port
         self.ctl = f"unix:{workdir}/kamailio_ctl"
@@ -113,10 +114,11 @@ class Kamailio(Proc):
             "-A", f"SIP_PORT={sip_port}", "-A", f"HAIRPIN_PORT={hairpin_port}",
             "-A", f"TLS_PORT={tls_port}", "-A", f"CHILDREN={children}",
             "-A", f'KEMI_SCRIPT="{script}"', "-A", f'CTL_SOCKET="{self.ctl}"',
-            "-Y", str(workdir), "-P", str(workdir / "kamailio.pid"),
+            "-Y", str(workdir), "-P", str(workdir / "kamailio.pid"), *extra_args,
         ]
-        env = dict(os.environ, TLSBRIDGE_VENV=sys.prefix, TLSBRIDGE_CONFIG=str(bridge_config))
-        super().__init__("kamailio", argv, workdir / "kamailio.log", env)
+        full_env = dict(os.environ, TLSBRIDGE_VENV=sys.prefix,
+                        TLSBRIDGE_CONFIG=str(bridge_config), **(env or {}))
+        super().__init__("kamailio", argv, workdir / "kamailio.log", full_env)
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         from tests.support.sip import build_request
