@@ -1,6 +1,7 @@
 """The daemon's ZeroMQ channels: where events leave and control requests arrive.
 
-Single process: an XPUB for events and a ROUTER for control, bound on the configured endpoints.
+Single process: an XPUB for events (it tells us which topics have subscribers) and a ROUTER for
+control, bound on the configured endpoints.
 Worker of a supervisor: events are PUSHed to the supervisor and control requests arrive on a
 DEALER from it. The control loop is the same for both; only the socket differs.
 """
@@ -62,17 +63,24 @@ class EventSink:
         self.delay = delay
         self._queued: list[list[bytes]] = []
         self._flush_at: asyncio.TimerHandle | None = None
+        # None: every topic is wanted (a supervisor takes all of a worker's events)
+        self._prefixes: set[str] | None = None
+        self._wanted: dict[str, bool] = {}
 
     @classmethod
     def publisher(cls, endpoint: str, hwm: int, on_drop: Callable[[], None]) -> EventSink:
-        # PUB drops for a subscriber `hwm` events behind, for that one only: a stuck
-        # `tlsbridge events` must never cost Kamailio's rtimer its events (as XPUB with NODROP
-        # would, for every subscriber at once). Subscribers see the loss as a gap in `seq`.
-        sock = zmq.Context.instance().socket(zmq.PUB)
+        """Call in the running loop. XPUB drops for a subscriber `hwm` events behind, for that
+        one only: a stuck `tlsbridge events` must never cost Kamailio's rtimer its events (as
+        NODROP would, for every subscriber at once). Subscribers see the loss as a gap in `seq`.
+        """
+        sock = zmq.Context.instance().socket(zmq.XPUB)
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.LINGER, 0)
         bind(sock, endpoint)
-        return cls(sock, on_drop, cls.FLUSH_DELAY)
+        sink = cls(sock, on_drop, cls.FLUSH_DELAY)
+        sink._prefixes = set()
+        asyncio.get_running_loop().add_reader(sock.getsockopt(zmq.FD), sink._read_subscriptions)
+        return sink
 
     @classmethod
     def pusher(cls, endpoint: str, hwm: int, on_drop: Callable[[], None]) -> EventSink:
@@ -81,6 +89,35 @@ class EventSink:
         sock.setsockopt(zmq.LINGER, 1000)  # the last events (conn.closed at shutdown) get out
         sock.connect(endpoint)
         return cls(sock, on_drop)
+
+    def wants(self, topic: str) -> bool:
+        """Does any subscriber take `topic`? If not, its events need not even be encoded."""
+        wanted = self._wanted.get(topic)
+        if wanted is None:
+            prefixes = self._prefixes
+            wanted = prefixes is None or any(topic.startswith(p) for p in prefixes)
+            self._wanted[topic] = wanted
+        return wanted
+
+    def _read_subscriptions(self) -> None:
+        # XPUB passes on a prefix's first subscription and its last unsubscription (also when
+        # a subscriber goes away). Its descriptor signals an edge: read until there is none.
+        assert self._prefixes is not None
+        while True:
+            try:
+                msg = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:  # closed meanwhile
+                return
+            if not msg or msg[0] not in (0, 1):
+                continue
+            prefix = msg[1:].decode(errors="replace")
+            if msg[0]:
+                self._prefixes.add(prefix)
+            else:
+                self._prefixes.discard(prefix)
+            self._wanted.clear()
 
     def send(self, frames: list[bytes]) -> None:
         self._queued.append(frames)
@@ -108,9 +145,14 @@ class EventSink:
                 self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
             except zmq.Again:
                 self.on_drop()
+        if self._prefixes is not None:
+            self._read_subscriptions()  # a send can take the descriptor's edge
 
     def close(self) -> None:
         self.flush()
+        if self._prefixes is not None:
+            with contextlib.suppress(RuntimeError):  # no loop any more
+                asyncio.get_running_loop().remove_reader(self.sock.getsockopt(zmq.FD))
         self.sock.close()
 
 

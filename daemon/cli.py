@@ -174,8 +174,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     sock.setsockopt(zmq.SUBSCRIBE, args.filter.encode())
     sock.connect(endpoint)
     end = time.monotonic() + args.duration if args.duration else None
-    # The sequence counts every event: with a filter the others are gaps, not losses.
-    tracker = SeqTracker() if not args.filter else None
+    tracker = SeqTracker()  # seq counts per topic: a filter leaves no gaps of its own
     try:
         while end is None or time.monotonic() < end:
             if not sock.poll(200):
@@ -185,12 +184,11 @@ def cmd_events(args: argparse.Namespace) -> int:
             except EventError as exc:
                 print(f"# a bad event: {exc}", file=sys.stderr, flush=True)
                 continue
-            if tracker is not None:
-                lost = tracker.lost
-                tracker.observe(event)
-                if tracker.lost > lost:
-                    print(f"# {tracker.lost - lost} events lost (this subscriber fell behind)",
-                          file=sys.stderr, flush=True)
+            lost = tracker.lost
+            tracker.observe(event)
+            if tracker.lost > lost:
+                print(f"# {tracker.lost - lost} events lost (this subscriber fell behind)",
+                      file=sys.stderr, flush=True)
             if args.json:
                 print(json.dumps(event.to_dict(), default=str), flush=True)
             else:

@@ -217,10 +217,9 @@ class Hub:
 
     def publish(self, type_: str, conn: ConnRef | None, **fields: Any) -> None:
         count_event(self.counters, type_, fields)
-        event, frames = self._encoder.encode(type_, conn, **fields)
-        _log_event(event)
-        if self._events is not None:
-            self._events.send(frames)
+        log_event(type_, conn, fields)
+        if self._events is not None and self._events.wants(ev.topic_of(type_, conn)):
+            self._events.send(self._encoder.encode(type_, conn, **fields)[1])
 
     # -- control ----------------------------------------------------------------------------
 
@@ -390,22 +389,18 @@ def worker_control_endpoint(config: Config) -> str:
     return f"ipc://{config.run_dir}/workers-control.sock"
 
 
-def _log_event(event: ev.Event) -> None:
-    level = logging.INFO
-    if event.type in (ev.TLS_FAILED, ev.HAIRPIN_FAILED):
-        level = logging.WARNING
+def log_event(type_: str, conn: ConnRef | None, fields: dict[str, Any]) -> None:
+    level = logging.WARNING if type_ in (ev.TLS_FAILED, ev.HAIRPIN_FAILED) else logging.INFO
     if not log.isEnabledFor(level):
         return
-    parts = [f"event={event.type}"]
-    if event.conn:
-        c = event.conn
-        parts += [f"id={c.id}", f"dir={c.direction}", f"peer={c.peer}", f"hairpin={c.hairpin}"]
+    parts = [f"event={type_}"]
+    if conn:
+        parts += [f"id={conn.id}", f"dir={conn.direction}", f"peer={conn.peer}",
+                  f"hairpin={conn.hairpin}"]
     for key in ("reason", "detail", "bytes_in", "bytes_out", "duration", "pid"):
-        if key in event.fields:
-            parts.append(f"{key}={event.fields[key]!r}" if key == "detail" else
-                         f"{key}={event.fields[key]}")
-    tls = event.fields.get("tls")
+        if key in fields:
+            parts.append(f"{key}={fields[key]!r}" if key == "detail" else f"{key}={fields[key]}")
+    tls = fields.get("tls")
     if tls:
-        parts += [f"version={tls.get('version')}", f"cipher={tls.get('cipher')}",
-                  f"sni={tls.get('sni') or '-'}"]
+        parts += [f"version={tls.version}", f"cipher={tls.cipher}", f"sni={tls.sni or '-'}"]
     log.log(level, " ".join(parts))

@@ -257,11 +257,24 @@ class TlsBridge(RoutingMixin):
     def on(self, event_type: str, handler: Callable[[Event], None]) -> None:
         """Call `handler(event)` in the rtimer process for each event of that type."""
         self._handlers.setdefault(event_type, []).append(handler)
+        if self._sub is not None and self._sub_pid == os.getpid():
+            self._sub.setsockopt_string(zmq.SUBSCRIBE, event_type)
+
+    def _topics(self) -> set[str]:
+        """What the rtimer takes from the daemon: the outcomes of connects (suspended
+        transactions, `o:` keys), closes of outbound connections (their `o:` keys) and daemon
+        restarts. Not one event per inbound connection: each would cost the daemon its
+        encoding and this process its decoding, for nothing."""
+        topics = {"outbound.", f"{ev.CONN_CLOSED}.out", "daemon."}
+        if self.facts_in_htable:
+            topics |= {ev.TLS_ESTABLISHED, ev.CONN_CLOSED}
+        return topics | set(self._handlers)
 
     def drain_events(self, *_: Any) -> int:
         """The rtimer method: move pending events into htable. Never blocks."""
         sub = self._events_socket()
         resync = False
+        src = self._tracker.src
         for _ in range(self.max_drain):
             try:
                 frames = sub.recv_multipart(flags=zmq.NOBLOCK)
@@ -280,6 +293,9 @@ class TlsBridge(RoutingMixin):
             self.stats["events_lost"] += self._tracker.lost - lost_before
             self._apply(event)
         if resync:
+            if self._tracker.src != src and src is not None:
+                # A restarted daemon: the connections of the one before are gone.
+                _ksr().htable.sht_reset(self.htable)
             self.resync()
         if self._waiting:
             self._retry_resumes()
@@ -290,7 +306,8 @@ class TlsBridge(RoutingMixin):
             sock = zmq.Context.instance().socket(zmq.SUB)
             sock.setsockopt(zmq.RCVHWM, 200_000)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SUBSCRIBE, b"")
+            for topic in sorted(self._topics()):
+                sock.setsockopt_string(zmq.SUBSCRIBE, topic)
             sock.connect(self.events_endpoint)
             self._sub, self._sub_pid = sock, os.getpid()
         return self._sub
@@ -298,7 +315,7 @@ class TlsBridge(RoutingMixin):
     def _apply(self, event: Event) -> None:
         KSR = _ksr()
         conn = event.conn
-        if event.type == ev.TLS_ESTABLISHED and conn and conn.hairpin:
+        if event.type == ev.TLS_ESTABLISHED and conn and conn.hairpin and self.facts_in_htable:
             self._remember(conn.to_dict(), event.fields.get("tls"))
         elif event.type == ev.OUTBOUND_READY and conn:
             self._remember(conn.to_dict(), event.fields.get("tls"), [event.fields.get("key")])
@@ -319,7 +336,6 @@ class TlsBridge(RoutingMixin):
         if self.facts_in_htable and conn.get("hairpin") and tls:
             entry = json.dumps({"conn": conn, "tls": tls}, separators=(",", ":"))
             sht.sht_sets(self.htable, conn["hairpin"], entry)
-        sht.sht_sets(self.htable, f"p:{conn['peer']}", str(conn["id"]))
         for key in keys:
             if key:
                 sht.sht_sets(self.htable, f"o:{key}", conn["peer"])
@@ -331,8 +347,6 @@ class TlsBridge(RoutingMixin):
             raw = sht.sht_get(self.htable, conn.hairpin)
             if raw and json.loads(raw).get("conn", {}).get("id") == conn.id:
                 sht.sht_rm(self.htable, conn.hairpin)
-        if sht.sht_get(self.htable, f"p:{conn.peer}") == str(conn.id):
-            sht.sht_rm(self.htable, f"p:{conn.peer}")
         for key in keys:
             if sht.sht_get(self.htable, f"o:{key}") == conn.peer:
                 sht.sht_rm(self.htable, f"o:{key}")

@@ -160,11 +160,14 @@ class RoutingMixin:
         KSR.set_forward_no_connect()
 
     def _known_peer(self, key: str, uri: SipUri, *, plain: bool) -> str | None:
-        htable = _ksr().htable
-        peer = htable.sht_get(self.htable, f"o:{key}")
+        KSR = _ksr()
+        peer = KSR.htable.sht_get(self.htable, f"o:{key}")
         if peer:
             return str(peer)
-        if plain and is_ip(uri.host) and htable.sht_get(self.htable, f"p:{uri.hostport}"):
+        # A TLS peer connected to us (or we to it) is a hairpin Kamailio files under its
+        # address; tcp_get_conid is cfg-only in 5.6, hence modf.
+        if plain and is_ip(uri.host) and \
+                KSR.x.modf("tcp_get_conid", uri.hostport, "$var(tlsb_conid)") > 0:
             return uri.hostport
         return None
 

@@ -1,7 +1,10 @@
 """Connection events: the schema, and a sans-IO codec (msgpack) for the ZeroMQ PUB/SUB stream.
 
-Wire form, one ZeroMQ message of two frames: the topic (the event type, so subscribers can filter
-by prefix) and a msgpack map `{v, src, seq, ts, type, conn, ...per-type fields}`.
+Wire form, one ZeroMQ message of two frames: the topic and a msgpack map
+`{v, src, seq, ts, type, conn, ...per-type fields}`. The topic is the event type, followed for an
+event about a connection by its direction (`conn.closed.out`): subscribers filter by prefix, and
+the daemon encodes nothing for a topic no subscriber wants. `seq` counts per topic, so a
+subscriber taking some topics only still sees every loss among them as a gap.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import msgpack
 
 from tlsbridge.shared.facts import TlsFacts
 
-EVENTS_VERSION = 1
+EVENTS_VERSION = 2  # 2: seq per topic, topics carry the direction
 
 TLS_ESTABLISHED = "tls.established"
 TLS_FAILED = "tls.failed"
@@ -48,6 +51,10 @@ EVENT_TYPES = frozenset(
 
 class EventError(ValueError):
     """A message on the event stream that does not follow the schema."""
+
+
+def topic_of(type_: str, conn: ConnRef | None) -> str:
+    return f"{type_}.{conn.direction}" if conn is not None else type_
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +108,10 @@ class Event:
     fields: Mapping[str, Any] = field(default_factory=dict)
 
     @property
+    def topic(self) -> str:
+        return topic_of(self.type, self.conn)
+
+    @property
     def tls(self) -> TlsFacts | None:
         raw = self.fields.get("tls")
         return TlsFacts.from_dict(raw) if raw is not None else None
@@ -123,23 +134,25 @@ class Event:
 
 
 class EventEncoder:
-    """Numbers and serialises the events of one publisher (`src` names the publisher's life)."""
+    """Numbers (per topic) and serialises the events of one publisher (`src` names the
+    publisher's life)."""
 
     def __init__(self, src: str) -> None:
         self.src = src
-        self._seq = 0
+        self._seq: dict[str, int] = {}
 
     def encode(
         self, type_: str, conn: ConnRef | None = None, **fields: Any
     ) -> tuple[Event, list[bytes]]:
         if type_ not in EVENT_TYPES:
             raise EventError(f"unknown event type {type_!r}")
-        self._seq += 1
+        topic = topic_of(type_, conn)
+        seq = self._seq[topic] = self._seq.get(topic, 0) + 1
         tls = fields.get("tls")
         if isinstance(tls, TlsFacts):
             fields["tls"] = tls.to_dict()
-        event = Event(type_, self._seq, time.time(), self.src, conn, fields)
-        return event, [type_.encode(), msgpack.packb(event.to_dict(), use_bin_type=True)]
+        event = Event(type_, seq, time.time(), self.src, conn, fields)
+        return event, [topic.encode(), msgpack.packb(event.to_dict(), use_bin_type=True)]
 
 
 def decode_event(frames: list[bytes]) -> Event:
@@ -169,19 +182,22 @@ def decode_event(frames: list[bytes]) -> Event:
 
 @dataclass
 class SeqTracker:
-    """Detects lost events: a gap in `seq`, or a new publisher (daemon restart)."""
+    """Detects lost events: a gap in a topic's `seq`, or a new publisher (daemon restart).
+    A topic's first event is where its count starts: a subscriber may join at any time."""
 
     src: str | None = None
-    last: int = 0
+    last: dict[str, int] = field(default_factory=dict)
     lost: int = 0
 
     def observe(self, event: Event) -> bool:
         """True when the subscriber must resynchronise (first event, restart, or a gap)."""
+        topic = event.topic
         if event.src != self.src:
-            self.src, self.last = event.src, event.seq
+            self.src, self.last = event.src, {topic: event.seq}
             return True
-        gap = event.seq - self.last - 1
-        self.last = event.seq
+        before = self.last.get(topic)
+        self.last[topic] = event.seq
+        gap = 0 if before is None else event.seq - before - 1
         if gap > 0:
             self.lost += gap
             return True

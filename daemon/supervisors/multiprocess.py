@@ -227,8 +227,8 @@ class Supervisor:
 
     def _publish(self, type_: str, conn: ev.ConnRef | None, **fields: Any) -> None:
         count_event(self.counters, type_, fields)
-        _, frames = self._encoder.encode(type_, conn, **fields)
-        self._events.send(frames)
+        if self._events.wants(ev.topic_of(type_, conn)):
+            self._events.send(self._encoder.encode(type_, conn, **fields)[1])
 
     def _drain_events(self) -> None:
         # ZeroMQ's descriptor signals an edge: take everything queued, in bounded turns.

@@ -170,7 +170,7 @@ def test_events_carry_the_facts_before_the_hairpin(stack: Stack) -> None:
         lambda e: e.type == ev.CONN_CLOSED and e.conn is not None and e.conn.id == est.conn.id
     )
     assert closed.fields["bytes_in"] > 0 and closed.fields["bytes_out"] > 0
-    assert closed.seq > est.seq
+    assert closed.ts >= est.ts  # seq counts per topic: these two are of different topics
 
 
 def test_kamailio_not_running(tmp_path: Path, certs: dict[str, Path]) -> None:

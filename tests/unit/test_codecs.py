@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -65,7 +66,7 @@ class TestEvents:
     def test_round_trip_with_tls_facts(self) -> None:
         enc = EventEncoder("src-1")
         event, frames = enc.encode(ev.TLS_ESTABLISHED, CONN, tls=FACTS, note="x")
-        assert frames[0] == b"tls.established"
+        assert frames[0] == b"tls.established.in"  # the direction: subscribe to what you need
         decoded = decode_event(frames)
         assert decoded == event
         assert decoded.conn == CONN
@@ -75,6 +76,7 @@ class TestEvents:
 
     def test_round_trip_without_conn(self) -> None:
         event, frames = EventEncoder("s").encode(ev.DAEMON_STARTED, None, pid=1234)
+        assert frames[0] == b"daemon.started"
         decoded = decode_event(frames)
         assert decoded == event
         assert decoded.conn is None
@@ -89,6 +91,15 @@ class TestEvents:
         enc = EventEncoder("s")
         seqs = [enc.encode(ev.CONN_CLOSED, CONN)[0].seq for _ in range(3)]
         assert seqs == [1, 2, 3]
+
+    def test_each_topic_counts_on_its_own(self) -> None:
+        enc = EventEncoder("s")
+        out = replace(CONN, direction="out")
+        seqs = [(e.topic, e.seq) for e in (enc.encode(t, c)[0] for t, c in [
+            (ev.CONN_CLOSED, CONN), (ev.CONN_CLOSED, out), (ev.TLS_FAILED, CONN),
+            (ev.CONN_CLOSED, CONN), (ev.DAEMON_STOPPING, None)])]
+        assert seqs == [("conn.closed.in", 1), ("conn.closed.out", 1), ("tls.failed.in", 1),
+                        ("conn.closed.in", 2), ("daemon.stopping", 1)]
 
     def test_encoder_refuses_unknown_type(self) -> None:
         enc = EventEncoder("s")
@@ -111,7 +122,8 @@ class TestEvents:
             pytest.param([b"t", pack(event_body())[:-3]], "not msgpack", id="truncated"),
             pytest.param([b"t", pack([1, 2])], "not a map", id="list"),
             pytest.param([b"t", pack("hello")], "not a map", id="string"),
-            pytest.param([b"t", pack(event_body(v=2))], "version 2", id="version-2"),
+            pytest.param([b"t", pack(event_body(v=1))], "version 1", id="version-1"),
+            pytest.param([b"t", pack(event_body(v=3))], "version 3", id="version-3"),
             pytest.param([b"t", pack(event_body(v=...))], "version None", id="no-version"),
             pytest.param([b"t", pack(event_body(type=...))], "lacks 'type'", id="no-type"),
             pytest.param([b"t", pack(event_body(seq=...))], "lacks 'seq'", id="no-seq"),
@@ -154,28 +166,37 @@ class TestEvents:
 
 class TestSeqTracker:
     @staticmethod
-    def event(seq: int, src: str = "a") -> Event:
-        return Event(ev.CONN_CLOSED, seq, 0.0, src)
+    def event(seq: int, src: str = "a", type_: str = ev.CONN_CLOSED) -> Event:
+        return Event(type_, seq, 0.0, src)
 
     def test_first_event_asks_for_resync(self) -> None:
         t = SeqTracker()
         assert t.observe(self.event(17)) is True
-        assert (t.src, t.last, t.lost) == ("a", 17, 0)
+        assert (t.src, t.last, t.lost) == ("a", {"conn.closed": 17}, 0)
 
     def test_consecutive_events_need_nothing(self) -> None:
         t = SeqTracker()
         t.observe(self.event(1))
         assert [t.observe(self.event(n)) for n in (2, 3, 4)] == [False, False, False]
-        assert (t.last, t.lost) == (4, 0)
+        assert (t.last, t.lost) == ({"conn.closed": 4}, 0)
 
     def test_gap_counts_lost_events(self) -> None:
         t = SeqTracker()
         t.observe(self.event(1))
         assert t.observe(self.event(4)) is True
-        assert (t.last, t.lost) == (4, 2)
+        assert (t.last, t.lost) == ({"conn.closed": 4}, 2)
         assert t.observe(self.event(5)) is False
         assert t.observe(self.event(7)) is True
         assert t.lost == 3
+
+    def test_gaps_are_per_topic(self) -> None:
+        t = SeqTracker()
+        t.observe(self.event(1))
+        # Another topic starts where this subscriber first sees it: no loss, no resync.
+        assert t.observe(self.event(9, type_=ev.DAEMON_STARTED)) is False
+        assert t.observe(self.event(2)) is False
+        assert t.observe(self.event(11, type_=ev.DAEMON_STARTED)) is True
+        assert t.lost == 1
 
     def test_new_src_is_a_restart(self) -> None:
         t = SeqTracker()
@@ -183,7 +204,7 @@ class TestSeqTracker:
         t.observe(self.event(2))
         # The restarted publisher counts from 1 again: not a gap, but a resync all the same.
         assert t.observe(self.event(1, src="b")) is True
-        assert (t.src, t.last, t.lost) == ("b", 1, 0)
+        assert (t.src, t.last, t.lost) == ("b", {"conn.closed": 1}, 0)
         assert t.observe(self.event(2, src="b")) is False
 
 

@@ -207,18 +207,24 @@ class Publisher:
         self.sock.close(linger=0)
         self._ctx.term()
 
-    def wait_subscribed(self, timeout: float = 5.0) -> None:
+    def wait_subscribed(self, timeout: float = 5.0) -> set[str]:
+        """The topics subscribed to (they arrive together, one message each)."""
         assert self.sock.poll(int(timeout * 1000)), "the bridge never subscribed"
-        assert self.sock.recv() == b"\x01"  # subscribe to everything
+        topics = set()
+        while self.sock.poll(100):
+            msg = self.sock.recv()
+            assert msg[:1] == b"\x01", msg
+            topics.add(msg[1:].decode())
+        return topics
 
     def publish(self, type_: str, ref: ConnRef | None = None, **fields: Any) -> Event:
         event, frames = self.encoder.encode(type_, ref, **fields)
         self.sock.send_multipart(frames)
         return event
 
-    def skip(self) -> None:
-        """Use up a sequence number without publishing: a lost event."""
-        self.encoder.encode(ev.CONN_CLOSED, None)
+    def skip(self, type_: str, ref: ConnRef | None = None) -> None:
+        """Use up a sequence number of that topic without publishing: a lost event."""
+        self.encoder.encode(type_, ref)
 
     def restart(self, src: str) -> None:
         self.encoder = EventEncoder(src)
@@ -293,7 +299,7 @@ def bridge(make_bridge: Callable[..., TlsBridge]) -> TlsBridge:
 def subscribed(bridge: TlsBridge, publisher: Publisher) -> TlsBridge:
     """The bridge with its event socket connected and subscribed (as after the first rtimer run)."""
     assert bridge.drain_events() == 1
-    publisher.wait_subscribed()
+    assert publisher.wait_subscribed() == bridge._topics()
     return bridge
 
 
@@ -706,14 +712,47 @@ def test_outbound_ready_fills_htable(ksr: testing.FakeKSR, subscribed: TlsBridge
     assert htable_entry(ksr, out) == entry(out, facts())
 
 
+def test_rtimer_takes_only_outbound_events_and_restarts(
+    ksr: testing.FakeKSR, make_bridge: Callable[..., TlsBridge], publisher: Publisher
+) -> None:
+    bridge = make_bridge(facts_in_htable=False)
+    bridge.drain_events()
+    assert publisher.wait_subscribed() == {"outbound.", "conn.closed.out", "daemon."}
+    out = ConnRef(id=8, peer="203.0.113.9:5061", direction="out", hairpin="127.0.0.1:42000")
+    key = "203.0.113.9:5061|sni|default"
+    publisher.publish(ev.TLS_ESTABLISHED, conn(1), tls=facts())  # inbound: not taken
+    publisher.publish(ev.CONN_CLOSED, conn(1), reason="closed")
+    publisher.publish(ev.OUTBOUND_READY, out, tls=facts(), key=key, tags=[])
+    drain_count(bridge, events=1)
+    assert ksr.htable.sht_get(HTABLE, f"o:{key}") == out.peer
+    assert htable_entry(ksr, out) is None  # facts stay in the map, not in htable
+    publisher.publish(ev.CONN_CLOSED, out, reason="closed", keys=[key])
+    drain_count(bridge, events=2)
+    assert ksr.htable.sht_get(HTABLE, f"o:{key}") is None
+
+
+def test_a_restarted_daemon_clears_what_the_old_one_left(
+    ksr: testing.FakeKSR, subscribed: TlsBridge, publisher: Publisher, daemon: FakeDaemon
+) -> None:
+    out = ConnRef(id=8, peer="203.0.113.9:5061", direction="out", hairpin="127.0.0.1:42000")
+    publisher.publish(ev.OUTBOUND_READY, out, tls=facts(), key="k", tags=[])
+    drain_count(subscribed, events=1)
+    assert ksr.htable.sht_get(HTABLE, "o:k") == out.peer
+    # It crashed: no conn.closed for its connections, which died with it.
+    publisher.restart("daemon-2")
+    publisher.publish(ev.DAEMON_STARTED, None, pid=2)
+    drain_count(subscribed, events=2)
+    assert ksr.htable.sht_get(HTABLE, "o:k") is None
+    assert daemon.ops() == ["list", "list"]
+
+
 def test_events_without_hairpin_leave_htable_alone(
     ksr: testing.FakeKSR, subscribed: TlsBridge, publisher: Publisher
 ) -> None:
     ref = ConnRef(id=9, peer="203.0.113.9:5061", direction="in")
-    publisher.publish(ev.TLS_FAILED, ref, reason="handshake_failed")
     publisher.publish(ev.TLS_ESTABLISHED, ref, tls=facts())
     publisher.publish(ev.DAEMON_STARTED, None, pid=1)
-    drain_count(subscribed, events=3)
+    drain_count(subscribed, events=2)
     assert ksr.htables.get(HTABLE, {}) == {}
 
 
@@ -729,8 +768,8 @@ def test_seq_gap_triggers_resync(ksr: testing.FakeKSR, subscribed: TlsBridge,
     # Two events are lost (say the SUB queue overflowed); the daemon knows connection 2.
     two = conn(2)
     daemon.add(two, MTLS_FACTS)
-    publisher.skip()
-    publisher.skip()
+    publisher.skip(ev.CONN_CLOSED, conn(5))
+    publisher.skip(ev.CONN_CLOSED, conn(6))
     publisher.publish(ev.CONN_CLOSED, conn(3), reason="peer_closed")
     drain_count(bridge, events=3)
     assert daemon.ops() == ["list", "list"]
@@ -774,14 +813,16 @@ def test_bad_event_frames_are_counted_and_skipped(
     ksr: testing.FakeKSR, subscribed: TlsBridge, publisher: Publisher
 ) -> None:
     good = msgpack.packb(
-        {"v": 1, "src": "x", "seq": 1, "ts": 0.0, "type": "tls.established", "conn": None}
+        {"v": ev.EVENTS_VERSION, "src": "x", "seq": 1, "ts": 0.0, "type": "tls.established",
+         "conn": None}
     )
     publisher.send_raw([b"tls.established", b"\xc1\xc1"])  # not msgpack
     publisher.send_raw([b"tls.established"])  # one frame
     publisher.send_raw([b"tls.established", good, b"extra"])  # three frames
     publisher.send_raw([b"tls.established", msgpack.packb([1, 2, 3])])  # not a map
     publisher.send_raw([b"tls.established", msgpack.packb({**msgpack.unpackb(good), "v": 99})])
-    publisher.send_raw([b"tls.established", msgpack.packb({"v": 1, "type": "tls.established"})])
+    no_seq = {"v": ev.EVENTS_VERSION, "type": "tls.established"}
+    publisher.send_raw([b"tls.established", msgpack.packb(no_seq)])
     one = conn(1)
     publisher.publish(ev.TLS_ESTABLISHED, one, tls=facts())
     drain_count(subscribed, events=1, bad=6)
@@ -790,7 +831,8 @@ def test_bad_event_frames_are_counted_and_skipped(
     assert len([m for m in warnings if "dropped a bad event" in m]) == 6
 def test_event_with_bad_ts_is_skipped(ksr: testing.FakeKSR, subscribed: TlsBridge,
                                       publisher: Publisher) -> None:
-    bad = {"v": 1, "src": "x", "seq": 1, "ts": "now", "type": "conn.closed", "conn": None}
+    bad = {"v": ev.EVENTS_VERSION, "src": "x", "seq": 1, "ts": "now", "type": "conn.closed",
+           "conn": None}
     publisher.send_raw([b"conn.closed", msgpack.packb(bad)])
     publisher.publish(ev.TLS_ESTABLISHED, conn(1), tls=facts())
     drain_count(subscribed, events=1, bad=1)
@@ -811,6 +853,8 @@ def test_handlers(ksr: testing.FakeKSR, subscribed: TlsBridge, publisher: Publis
     bridge.on(ev.TLS_ESTABLISHED, broken)
     bridge.on(ev.TLS_ESTABLISHED, record)
     bridge.on(ev.TLS_FAILED, record)
+    # A handler's type is subscribed to at once (tls.established already was).
+    assert publisher.wait_subscribed() == {ev.TLS_FAILED}
     publisher.publish(ev.TLS_ESTABLISHED, conn(1), tls=facts())
     publisher.publish(ev.TLS_FAILED, conn(2), reason="verify_failed")
     publisher.publish(ev.CONN_CLOSED, conn(1), reason="peer_closed")

@@ -1,0 +1,98 @@
+"""The daemon's event socket knows which topics have subscribers, and encodes nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import trustme
+import zmq
+
+from tlsbridge.daemon.channels import EventSink
+from tlsbridge.daemon.config import load_config
+from tlsbridge.daemon.hub import Hub
+from tlsbridge.shared import events as ev
+from tlsbridge.shared.events import ConnRef
+
+IN = ConnRef(id=1, peer="198.51.100.7:40001", direction="in", hairpin="127.0.0.1:41001")
+OUT = ConnRef(id=2, peer="203.0.113.9:5061", direction="out", hairpin="127.0.0.1:41002")
+
+
+async def until(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, "condition not met"
+        await asyncio.sleep(0.01)
+
+
+def test_wants_follows_subscriptions(tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/events.sock"
+
+    async def main() -> None:
+        sink = EventSink.publisher(endpoint, 1000, lambda: None)
+        sub = zmq.Context.instance().socket(zmq.SUB)
+        try:
+            assert not sink.wants("tls.established.in")  # nobody listens: nothing to encode
+            sub.setsockopt(zmq.SUBSCRIBE, b"outbound.")
+            sub.setsockopt(zmq.SUBSCRIBE, b"conn.closed.out")
+            sub.connect(endpoint)
+            await until(lambda: sink.wants("outbound.ready.out"))
+            assert sink.wants("outbound.failed") and sink.wants("conn.closed.out")
+            assert not sink.wants("conn.closed.in") and not sink.wants("tls.established.in")
+            sub.setsockopt(zmq.UNSUBSCRIBE, b"outbound.")
+            await until(lambda: not sink.wants("outbound.ready.out"))
+            assert sink.wants("conn.closed.out")
+            sub.close(linger=0)  # a subscriber that goes away takes its topics with it
+            await until(lambda: not sink.wants("conn.closed.out"))
+        finally:
+            if not sub.closed:
+                sub.close(linger=0)
+            sink.close()
+
+    asyncio.run(main())
+
+
+def test_hub_publishes_only_what_is_subscribed(tmp_path: Path) -> None:
+    cert = trustme.CA().issue_cert("sip.example.com")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    (tmp_path / "t.toml").write_text(f"""
+[daemon]
+run_dir = "{tmp_path}/run"
+[kamailio]
+hairpin = "127.0.0.1:5062"
+[profile.default]
+certificate = "{tmp_path}/server.pem"
+private_key = "{tmp_path}/server.pem"
+[[listener]]
+address = "127.0.0.1:5061"
+""")
+    config = load_config(tmp_path / "t.toml")
+
+    async def main() -> list[list[bytes]]:
+        hub = Hub(config)
+        hub.start()
+        sub = zmq.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"conn.closed.out")
+        sub.connect(config.events_endpoint)
+        got: list[list[bytes]] = []
+        try:
+            await until(lambda: hub._events is not None and hub._events.wants("conn.closed.out"))
+            for _ in range(3):
+                hub.publish(ev.CONN_CLOSED, IN, reason="closed")
+                hub.publish(ev.CONN_CLOSED, OUT, reason="closed", keys=[])
+                hub.publish(ev.TLS_ESTABLISHED, IN)
+            while len(got) < 3:
+                await until(lambda: bool(sub.poll(0)))
+                got.append(sub.recv_multipart())
+            assert not sub.poll(100)
+            # Counters count every event, published or not.
+            assert hub.counters["events.conn.closed"] == 6
+        finally:
+            sub.close(linger=0)
+            await hub.close()
+        return got
+
+    got = asyncio.run(main())
+    events = [ev.decode_event(frames) for frames in got]
+    assert [(e.topic, e.seq) for e in events] == [("conn.closed.out", n) for n in (1, 2, 3)]
