@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import os
 import socket
 from collections.abc import Callable
@@ -86,24 +87,30 @@ class Relay(asyncio.Protocol):
         self._hairpin_done = False
         self._timer: asyncio.TimerHandle | None = None
         self._held: list[bytes | None] | None = None
+        self._ref: ConnRef | None = None
+        self._loop = asyncio.get_running_loop()
+        self._connecting: socket.socket | None = None
 
     # -- the reference events and look-ups carry -------------------------------------------
 
     @property
     def ref(self) -> ConnRef:
-        return ConnRef(
-            id=self.id,
-            peer=format_addr(*self.peer),
-            direction=self.direction,
-            hairpin=self.hairpin_key,
-            listener=self.listener.address if self.listener else None,
-        )
+        ref = self._ref
+        if ref is None or ref.hairpin != self.hairpin_key:
+            ref = self._ref = ConnRef(
+                id=self.id,
+                peer=format_addr(*self.peer),
+                direction=self.direction,
+                hairpin=self.hairpin_key,
+                listener=self.listener.address if self.listener else None,
+            )
+        return ref
 
     # -- TLS side ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._tls = transport
         self.started = loop.time()
         peername = transport.get_extra_info("peername")
@@ -218,7 +225,7 @@ class Relay(asyncio.Protocol):
             self._hairpin_failed(f"cannot bind hairpin source: {_os_reason(exc)}")
             return
         self.state = State.CONNECTING
-        asyncio.get_running_loop().create_task(self._open_hairpin(sock))
+        self._connect_hairpin(sock)
 
     def _hairpin_socket(self) -> socket.socket:
         hp = self.config.hairpin
@@ -278,26 +285,60 @@ class Relay(asyncio.Protocol):
 
     # -- hairpin side -----------------------------------------------------------------------
 
-    async def _open_hairpin(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+    def _connect_hairpin(self, sock: socket.socket) -> None:
+        # A non-blocking connect watched by the loop, not loop.sock_connect(): uvloop resolves
+        # its address in a thread pool, a thread hand-off per connection.
         hp = self.config.hairpin
+        err = sock.connect_ex((hp.host, hp.port))
+        if err == 0:
+            self._hairpin_connected(sock)
+        elif err == errno.EINPROGRESS:
+            self._connecting = sock
+            self._loop.add_writer(sock.fileno(), self._hairpin_connect_done, sock)
+            self._timer = self._loop.call_later(hp.connect_timeout, self._hairpin_connect_done,
+                                                sock, "timeout")
+        else:
+            self._hairpin_connect_failed(sock, os.strerror(err))
+
+    def _hairpin_connect_done(self, sock: socket.socket, why: str = "") -> None:
+        self._connecting = None
+        self._loop.remove_writer(sock.fileno())
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not why:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            why = os.strerror(err) if err else ""
+        if why:
+            self._hairpin_connect_failed(sock, why)
+        else:
+            self._hairpin_connected(sock)
+
+    def _hairpin_connect_failed(self, sock: socket.socket, why: str) -> None:
+        sock.close()
+        if self.state is not State.CLOSED:
+            hp = self.config.hairpin
+            self._hairpin_failed(f"{format_addr(hp.host, hp.port)}: {why}")
+
+    def _hairpin_connected(self, sock: socket.socket) -> None:
+        if self.state is State.CLOSED:  # killed meanwhile
+            sock.close()
+            return
         try:
-            async with asyncio.timeout(hp.connect_timeout):
-                await loop.sock_connect(sock, (hp.host, hp.port))
-            if self.state is State.CLOSED:  # killed meanwhile
-                sock.close()
-                return
             self._announce(sock)
             self._send_header(sock)
-            transport, _ = await loop.create_connection(lambda: _HairpinSide(self), sock=sock)
-        except (OSError, TimeoutError) as exc:
-            sock.close()
-            reason = "timeout" if isinstance(exc, TimeoutError) else _os_reason(exc)
-            self._hairpin_failed(f"{format_addr(hp.host, hp.port)}: {reason}")
+        except OSError as exc:
+            self._hairpin_connect_failed(sock, _os_reason(exc))
             return
-        except asyncio.CancelledError:
-            sock.close()
-            raise
+        self._loop.create_task(self._wrap_hairpin(sock))
+
+    async def _wrap_hairpin(self, sock: socket.socket) -> None:
+        try:
+            transport, _ = await self._loop.create_connection(lambda: _HairpinSide(self),
+                                                              sock=sock)
+        except OSError as exc:
+            self._hairpin_connect_failed(sock, _os_reason(exc))
+            return
         self._hairpin_up(transport)
 
     def _send_header(self, sock: socket.socket) -> None:
@@ -402,6 +443,10 @@ class Relay(asyncio.Protocol):
         self.state = State.CLOSED
         if self._timer:
             self._timer.cancel()
+        if self._connecting is not None:  # killed while its hairpin was connecting
+            self._loop.remove_writer(self._connecting.fileno())
+            self._connecting.close()
+            self._connecting = None
         if self._hairpin is not None:
             self._hairpin.close()  # flushes what is buffered first
         if self._tls is not None:
@@ -409,7 +454,7 @@ class Relay(asyncio.Protocol):
                 self.engine.close()
                 self._flush_tls()
             self._tls.close()
-        duration = asyncio.get_running_loop().time() - self.started
+        duration = self._loop.time() - self.started
         self.hub.unregister(self)
         fields = {"reason": reason, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
         if detail:
