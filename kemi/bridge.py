@@ -27,7 +27,7 @@ from tlsbridge.shared.addr import format_addr
 from tlsbridge.shared.client import ControlClient
 from tlsbridge.shared.events import ConnRef, Event, SeqTracker, decode_event
 from tlsbridge.shared.facts import CertInfo, TlsFacts
-from tlsbridge.shared.factsmap import FactsMapReader
+from tlsbridge.shared.factsmap import FactsMapReader, decode_entry, decode_tls
 from tlsbridge.shared.lookup import LookupClient, LookupUnavailable
 from tlsbridge.shared.settings import Trunk, load_settings
 
@@ -37,6 +37,7 @@ HTABLE = "tlsb"
 # map. Small, because every entry stays in the worker's heap (~1-3 KiB) and the map is cheap.
 _CACHE_SIZE = 256
 _LOCAL_CERTS = 64  # our own certificates, parsed once each (profiles x reloads)
+_TLS_MEMO = 64  # distinct TLS facts of map entries, parsed once each (no client certificate)
 RESUME_RETRY_FOR = 2.0  # seconds to keep trying t_continue for a transaction not yet suspended
 
 
@@ -118,6 +119,7 @@ class TlsBridge(RoutingMixin):
         self._lookup: LookupClient | None = None
         self._map: FactsMapReader | None = None
         self._local_certs: dict[str, CertInfo] = {}
+        self._tls_memo: dict[bytes, TlsFacts] = {}
         self._cache: OrderedDict[str, BridgeConnection] = OrderedDict()
         self._sub: zmq.Socket | None = None
         self._sub_pid = 0
@@ -187,14 +189,24 @@ class TlsBridge(RoutingMixin):
         if raw is None:
             return None
         try:
-            found = self._parse(json.loads(raw))
+            conn_d, tls_raw = decode_entry(raw)
+            conn = ConnRef.from_dict(conn_d)
+            # The port's newest entry may be of an earlier hairpin from that port.
+            if conn.hairpin != key or conn.peer != peer:
+                return None
+            tls = self._tls_memo.get(tls_raw) or self._parse_tls(tls_raw)
         except (ValueError, ev.EventError):
             return None  # the look-up will say what is wrong
-        # The port's newest entry may be of an earlier hairpin from that port.
-        if found.conn.hairpin != key or found.conn.peer != peer:
-            return None
         self.stats["map_hits"] += 1
-        return found
+        return BridgeConnection(conn, tls)
+
+    def _parse_tls(self, raw: bytes) -> TlsFacts:
+        if len(self._local_certs) > _LOCAL_CERTS:
+            self._local_certs.clear()
+        if len(self._tls_memo) >= _TLS_MEMO:
+            self._tls_memo.clear()
+        tls = self._tls_memo[raw] = TlsFacts.from_dict(decode_tls(raw), self._local_certs)
+        return tls
 
     def _parse(self, entry: dict[str, Any]) -> BridgeConnection:
         if len(self._local_certs) > _LOCAL_CERTS:

@@ -2,8 +2,10 @@
 
 A Kamailio worker that needs the facts of its message's connection reads them here: no
 datagram, no context switch to the daemon, no wake-up of the daemon. The daemon writes each
-connection's entry (the JSON `{"conn": ..., "tls": ...}` of the look-up) before it sends the
-PROXY header, so the entry is there before Kamailio can see a byte of the connection.
+connection's entry before it sends the PROXY header, so the entry is there before Kamailio can
+see a byte of the connection. An entry is the msgpack array `[conn, tls]` of the look-up's
+`conn` map and, as bytes, the msgpack of its `tls` map: most connections of a listener have
+byte-identical facts (no client certificate), which a reader then parses once.
 
 Layout of the file (little-endian), `{run_dir}/facts.map`, best on tmpfs (/run):
 
@@ -26,9 +28,12 @@ import os
 import struct
 import time
 import zlib
+from typing import Any
+
+import msgpack
 
 MAGIC = b"TLSBFMAP"
-VERSION = 1
+VERSION = 2  # 2: msgpack entries
 PORTS = 65536
 _HEADER = struct.Struct("<8sIII")  # magic, version, regions, region_size
 HEADER_SIZE = 64
@@ -44,6 +49,31 @@ DEFAULT_SIZE = 16 << 20
 
 def facts_map_of(run_dir: os.PathLike[str] | str) -> str:
     return os.path.join(run_dir, "facts.map")
+
+
+def encode_entry(conn: dict[str, Any], tls: dict[str, Any]) -> bytes:
+    return msgpack.packb([conn, msgpack.packb(tls)])
+
+
+def decode_entry(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """The `conn` map and the still encoded `tls` map; ValueError if it is not an entry."""
+    try:
+        conn, tls = msgpack.unpackb(data)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ValueError(f"not a facts map entry: {exc}") from None
+    if not isinstance(conn, dict) or not isinstance(tls, bytes):
+        raise ValueError("not a facts map entry: [conn map, tls bytes] expected")
+    return conn, tls
+
+
+def decode_tls(tls: bytes) -> dict[str, Any]:
+    try:
+        d = msgpack.unpackb(tls)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise ValueError(f"bad tls of a facts map entry: {exc}") from None
+    if not isinstance(d, dict):
+        raise ValueError("bad tls of a facts map entry: not a map")
+    return d
 
 
 def _align(n: int) -> int:

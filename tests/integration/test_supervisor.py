@@ -3,7 +3,6 @@ published closed, and is replaced."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -16,7 +15,7 @@ from tests.integration.conftest import start_stack, stop_stack
 from tests.support.procs import wait_until
 from tests.support.sip import TlsUA
 from tlsbridge.shared.addr import format_addr, parse_addr
-from tlsbridge.shared.factsmap import FactsMapReader, facts_map_of
+from tlsbridge.shared.factsmap import FactsMapReader, decode_entry, decode_tls, facts_map_of
 from tlsbridge.shared.settings import load_settings
 
 pytestmark = [pytest.mark.integration]
@@ -78,9 +77,9 @@ def test_every_worker_writes_the_facts_map(tmp_path: Path, certs: dict[str, Path
             hairpin = item["conn"]["hairpin"]
             raw = reader.get(parse_addr(hairpin)[1])
             assert raw is not None, f"no map entry for {hairpin}"
-            entry = json.loads(raw)
-            assert entry["conn"] == item["conn"]
-            assert entry["tls"]["cipher"] == item["tls"]["cipher"]
+            conn, tls = decode_entry(raw)
+            assert conn == item["conn"]
+            assert decode_tls(tls)["cipher"] == item["tls"]["cipher"]
     finally:
         for ua in uas:
             ua.close()

@@ -501,8 +501,8 @@ def test_miss_looks_up_and_caches_per_conid(
 def put_map(path: str, ref: ConnRef, tls: TlsFacts) -> None:
     assert ref.hairpin
     port = int(ref.hairpin.rsplit(":", 1)[1])
-    data = {"conn": ref.to_dict(), "tls": tls.to_dict(local_by_reference=True)}
-    factsmap.FactsMapWriter(path, 0).put(port, json.dumps(data).encode())
+    data = factsmap.encode_entry(ref.to_dict(), tls.to_dict(local_by_reference=True))
+    factsmap.FactsMapWriter(path, 0).put(port, data)
 
 
 SERVER_FACTS = dataclasses.replace(MTLS_FACTS, local=dataclasses.replace(
@@ -541,6 +541,26 @@ def test_facts_map_hit_after_one_look_up_for_our_certificate(
     assert daemon.ops() == ["lookup"] and bridge.stats["map_hits"] == 1
     assert found is not None and looked_up is not None
     assert found.tls.local is looked_up.tls.local  # one object per certificate
+    third = conn(3)
+    put_map(path, third, SERVER_FACTS)
+    over_hairpin(ksr, third, conid=3)
+    again = bridge.connection()
+    assert again == BridgeConnection(third, SERVER_FACTS) and bridge.stats["map_hits"] == 2
+    assert again is not None and again.tls is found.tls  # the same facts are parsed once
+
+
+def test_a_facts_map_entry_that_is_not_one_is_a_miss(
+    ksr: testing.FakeKSR, mapped: TlsBridge, daemon: FakeDaemon, map_path: str,
+) -> None:
+    ref = conn(1)
+    writer = factsmap.FactsMapWriter(map_path, 0)
+    daemon.add(ref, MTLS_FACTS)
+    for n, junk in enumerate([b"\xc1", msgpack.packb([1, 2]), msgpack.packb([{}, b"\xc1"]),
+                              factsmap.encode_entry(ref.to_dict(), {"version": 1})]):
+        writer.put(int(str(ref.hairpin).rsplit(":", 1)[1]), junk)
+        over_hairpin(ksr, ref, conid=100 + n)
+        assert mapped.connection() == BridgeConnection(ref, MTLS_FACTS)  # asked the daemon
+    assert mapped.stats["map_hits"] == 0 and daemon.ops() == ["lookup"] * 4
 
 
 def test_facts_map_entry_of_an_earlier_hairpin_is_not_taken(
