@@ -310,6 +310,9 @@ def _endpoints(src: Address | None, dst: Address | None) -> tuple[_IP, int, _IP,
 
 def encode_v1(src: Address | None, dst: Address | None) -> bytes:
     """Text header; TCP4/TCP6 from the address type, UNKNOWN when both are None."""
+    fast = _v1_fast(src, dst)
+    if fast is not None:
+        return fast
     ep = _endpoints(src, dst)
     if ep is None:
         return b"PROXY UNKNOWN\r\n"
@@ -319,6 +322,31 @@ def encode_v1(src: Address | None, dst: Address | None) -> bytes:
     if len(line) > V1_MAX_LEN:
         raise ProxyError(f"v1 line is {len(line)} bytes, max {V1_MAX_LEN}")
     return line
+
+
+def _v1_fast(src: Address | None, dst: Address | None) -> bytes | None:
+    """The daemon's case, one per connection: (str, int) pairs of known addresses. None for
+    anything else, which the general path checks and explains."""
+    if type(src) is not tuple or type(dst) is not tuple or len(src) != 2 or len(dst) != 2:
+        return None
+    (sh, sp), (dh, dp) = src, dst
+    if type(sh) is not str or type(dh) is not str or type(sp) is not int \
+            or type(dp) is not int or not (0 <= sp <= 0xFFFF and 0 <= dp <= 0xFFFF):
+        return None
+    s, d = _v1_host(sh), _v1_host(dh)
+    if s is None or d is None or s[0] != d[0]:
+        return None
+    return f"PROXY {s[0]} {s[1]} {d[1]} {sp} {dp}\r\n".encode("ascii")
+
+
+@functools.lru_cache(maxsize=4096)
+def _v1_host(host: str) -> tuple[str, str] | None:
+    """(TCP4 or TCP6, the address's canonical text), or None if v1 cannot carry it."""
+    try:
+        addr = _to_ip(host, "")
+    except ProxyError:
+        return None
+    return ("TCP4" if addr.version == 4 else "TCP6"), str(addr)
 
 
 def _as_tlv(item: object) -> Tlv:

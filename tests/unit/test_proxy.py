@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tlsbridge.shared import proxy
 from tlsbridge.shared.proxy import (
     DEFAULT_MAX_SIZE,
     KAMAILIO_V2_MAX,
@@ -801,3 +802,27 @@ def test_messages_are_meaningful() -> None:
             parse(wire)
         assert re.search(r"[a-z]{3,}", str(info.value))
         assert "Traceback" not in str(info.value)
+
+
+@pytest.mark.parametrize("src, dst", [
+    (("198.51.100.7", 40001), ("127.0.0.1", 5061)),
+    (("2001:db8:0:0::7", 0), ("::1", 65535)),
+    (("::ffff:192.0.2.1", 5060), ("::1", 5061)),
+])
+def test_v1_fast_path_writes_what_the_checked_path_writes(src: tuple, dst: tuple) -> None:
+    fast = proxy._v1_fast(src, dst)
+    assert fast is not None
+    s, sp, d, dp = proxy._endpoints(src, dst)  # type: ignore[misc]
+    family = "TCP4" if s.version == 4 else "TCP6"
+    assert fast == f"PROXY {family} {s} {d} {sp} {dp}\r\n".encode()
+
+
+@pytest.mark.parametrize("src, dst", [
+    (("198.51.100.7", True), ("127.0.0.1", 5061)),  # a bool is no port
+    (("198.51.100.7", 40001), ("::1", 5061)),  # mixed families
+    (("fe80::1%eth0", 1), ("::1", 2)),  # a zone index
+    (["198.51.100.7", 40001], ("127.0.0.1", 5061)),  # not a tuple
+    (("example.com", 1), ("127.0.0.1", 2)),
+])
+def test_v1_fast_path_leaves_the_odd_cases_to_the_checked_one(src: object, dst: object) -> None:
+    assert proxy._v1_fast(src, dst) is None
