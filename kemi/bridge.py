@@ -34,7 +34,8 @@ from tlsbridge.shared.settings import Trunk, load_settings
 DEFAULT_CONFIG = "/etc/tlsbridge/tlsbridge.toml"
 HTABLE = "tlsb"
 # Facts of this worker's most recent connections (by $conid): a dialog's next requests skip the
-# map. Small, because every entry stays in the worker's heap (~1-3 KiB) and the map is cheap.
+# map. Small, because every entry stays in the worker's heap (a client certificate is 1-3 KiB)
+# and the map is cheap.
 _CACHE_SIZE = 256
 _LOCAL_CERTS = 64  # our own certificates, parsed once each (profiles x reloads)
 _TLS_MEMO = 64  # distinct TLS facts of map entries, parsed once each (no client certificate)
@@ -201,17 +202,18 @@ class TlsBridge(RoutingMixin):
         return BridgeConnection(conn, tls)
 
     def _parse_tls(self, raw: bytes) -> TlsFacts:
-        if len(self._local_certs) > _LOCAL_CERTS:
-            self._local_certs.clear()
         if len(self._tls_memo) >= _TLS_MEMO:
             self._tls_memo.clear()
-        tls = self._tls_memo[raw] = TlsFacts.from_dict(decode_tls(raw), self._local_certs)
+        tls = self._tls_memo[raw] = TlsFacts.from_dict(decode_tls(raw), self._known_local())
         return tls
 
     def _parse(self, entry: dict[str, Any]) -> BridgeConnection:
+        return _parse_entry(entry, self._known_local())
+
+    def _known_local(self) -> dict[str, CertInfo]:
         if len(self._local_certs) > _LOCAL_CERTS:
             self._local_certs.clear()
-        return _parse_entry(entry, self._local_certs)
+        return self._local_certs
 
     def _from_htable(self, key: str, peer: str) -> BridgeConnection | None:
         raw = _ksr().htable.sht_get(self.htable, key)

@@ -77,6 +77,8 @@ class OpenSSLEngine(TlsEngine):
                 self.peer_closed = True
                 break
             chunks.append(chunk)
+            if not (self._in.pending or self._in.eof or self._obj.pending()):
+                break  # all of it: spare the exception the next read() would raise
         return b"".join(chunks)
 
     def write(self, plaintext: bytes) -> None:
