@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -16,8 +17,10 @@ import pytest
 from tests.faults.lab import (
     Bystander,
     daemon_healthy,
+    lab_config,
     lab_stack,
     message_request,
+    ports_of,
     raise_nofile,
     random_body,
     wait_closed_event,
@@ -69,6 +72,60 @@ def test_kamailio_down_when_clients_connect(tmp_path: Path, fault_certs: dict[st
         bystander = Bystander(lab)
         bystander.check()
         bystander.close()
+
+
+def syn_sent_to(port: int) -> int:
+    """IPv4 sockets on this host still connecting (SYN_SENT) to local `port`."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for line in lines
+               if int(line.split()[2].split(":")[1], 16) == port and line.split()[3] == "02")
+
+
+def test_kamailio_never_answering_the_connect(tmp_path: Path,
+                                             fault_certs: dict[str, Path]) -> None:
+    """Kamailio's accept queue is full, so the hairpin's SYN is never answered: the connection
+    is closed when `connect_timeout` runs out, and one killed while connecting leaves nothing."""
+    config = lab_config(tmp_path, fault_certs)
+    config.write_text(config.read_text().replace("connect_timeout = 2.0", "connect_timeout = 1.5"))
+    hairpin = ("127.0.0.1", ports_of(config)[2])
+    stuck = socket.socket()
+    stuck.bind(hairpin)
+    stuck.listen(0)  # never accepted: once its queue is full, further SYNs are dropped
+    fillers = [socket.socket() for _ in range(4)]
+    try:
+        for f in fillers:
+            f.setblocking(False)
+            f.connect_ex(hairpin)
+        with lab_stack(tmp_path, fault_certs, config=config, with_kamailio=False) as lab:
+            before = syn_sent_to(hairpin[1])  # the fillers still trying
+            waited, killed = lab.ua(), lab.ua()
+            peers = {format_addr(*waited.local): "waited", format_addr(*killed.local): "killed"}
+
+            def connecting() -> dict[str, int]:
+                listed = lab.daemon.request("list")["conns"]
+                return {peers[c["conn"]["peer"]]: c["conn"]["id"] for c in listed
+                        if c["conn"]["peer"] in peers}
+
+            wait_until(lambda: len(connecting()) == 2, 5, "both to be connecting their hairpin")
+            assert syn_sent_to(hairpin[1]) == before + 2
+            started = time.monotonic()
+            lab.daemon.request("kill", id=connecting()["killed"])
+            assert wait_closed_event(lab, format_addr(*killed.local)).reason == "killed"
+            failed = lab.events.wait_for(lambda e: e.type == ev.HAIRPIN_FAILED
+                                         and e.conn.peer == format_addr(*waited.local))
+            assert failed.fields["detail"].endswith(": timeout"), failed.fields
+            assert 1.0 < time.monotonic() - started < 5.0
+            assert wait_closed_event(lab, format_addr(*waited.local)).reason == "hairpin_failed"
+            for ua in (waited, killed):
+                expect_close_notify(ua, 5)
+                ua.close()
+            stats = daemon_healthy(lab)
+            assert stats["open"] == 0
+            assert syn_sent_to(hairpin[1]) == before  # neither hairpin socket was left behind
+    finally:
+        for f in fillers:
+            f.close()
+        stuck.close()
 
 
 RESTART_CONNS = 500
