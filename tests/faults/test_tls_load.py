@@ -120,15 +120,25 @@ def _flood(lab: Lab, seconds: float, threads: int = 4, max_count: int = 200_000)
     assert latencies and max(latencies) < 3.0, f"bystander latency up to {max(latencies):.2f} s"
     # Every flood connection is closed again, each with its conn.closed.
     wait_until(lambda: lab.daemon.request("stats")["open"] == 1, 30, "flood connections to close")
-    established = {e.conn.id for e in lab.events_for(
-        lambda e: e.type == ev.TLS_ESTABLISHED and e.conn.peer != bystander.peer)}
+
+    def outcomes() -> tuple[set[int], list[ev.Event]]:
+        established = {e.conn.id for e in lab.events_for(
+            lambda e: e.type == ev.TLS_ESTABLISHED and e.conn.peer != bystander.peer)}
+        return established, lab.events_for(lambda e: e.type == ev.TLS_FAILED)
+
+    # Each flood connection has its tls.established, or a tls.failed: a client done with its
+    # side of a TLS 1.3 handshake may reset before the daemon has read its Finished. (The
+    # daemon's events leave in batches of 2 ms: the last may still be on their way.)
+    wait_until(lambda: sum(map(len, outcomes())) >= total, 10, "an event for every connection")
+    established, failed = outcomes()
+    assert all(e.reason == "eof_in_handshake" for e in failed), failed
     wait_until(lambda: established <= {e.conn.id for e in lab.events.of(ev.CONN_CLOSED)}, 10,
                "a conn.closed for every flood connection")
-    assert len(established) >= total
     bystander.check()
     daemon_healthy(lab)
     assert lab.kamailio is not None and lab.kamailio.alive()
-    print(f"{total} handshakes in {seconds} s, bystander max latency {max(latencies):.3f} s")
+    print(f"{total} handshakes in {seconds} s ({len(failed)} reset before the daemon's end), "
+          f"bystander max latency {max(latencies):.3f} s")
     bystander.close()
 
 
