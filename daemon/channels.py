@@ -20,6 +20,7 @@ import zmq
 import zmq.asyncio
 
 from tlsbridge.shared import control as ctl
+from tlsbridge.shared import events as ev
 
 log = logging.getLogger("tlsbridge")
 
@@ -66,6 +67,9 @@ class EventSink:
         # None: every topic is wanted (a supervisor takes all of a worker's events)
         self._prefixes: set[str] | None = None
         self._wanted: dict[str, bool] = {}
+        # Publishes daemon.started: a subscriber that outlived a daemon (Kamailio's rtimer)
+        # learns of the restart from it, however few events it takes otherwise.
+        self.greet: Callable[[], None] | None = None
 
     @classmethod
     def publisher(cls, endpoint: str, hwm: int, on_drop: Callable[[], None]) -> EventSink:
@@ -113,11 +117,13 @@ class EventSink:
             if not msg or msg[0] not in (0, 1):
                 continue
             prefix = msg[1:].decode(errors="replace")
-            if msg[0]:
-                self._prefixes.add(prefix)
-            else:
-                self._prefixes.discard(prefix)
             self._wanted.clear()
+            if not msg[0]:
+                self._prefixes.discard(prefix)
+                continue
+            self._prefixes.add(prefix)
+            if self.greet is not None and ev.DAEMON_STARTED.startswith(prefix):
+                self.greet()
 
     def send(self, frames: list[bytes]) -> None:
         self._queued.append(frames)

@@ -101,7 +101,8 @@ class Hub:
         if self.worker is None:
             self._lookup = LookupServer(lookup_socket_of(self.config.run_dir), self.lookup_entry)
             self._lookup.start()
-            self.publish(ev.DAEMON_STARTED, None, pid=os.getpid())
+            self._events.greet = lambda: self.publish(ev.DAEMON_STARTED, None, pid=os.getpid())
+            self._events.greet()
 
     def lookup_entry(self, hairpin: str) -> bytes | None:
         """The facts entry of a hairpin, as the KEMI module stores it in htable."""

@@ -116,7 +116,9 @@ class Supervisor:
             from tlsbridge.daemon import metrics
 
             metrics.start(*self.config.metrics, loop, self.metrics_snapshot)
-        self._publish(ev.DAEMON_STARTED, None, pid=os.getpid(), workers=self.count)
+        self._events.greet = lambda: self._publish(ev.DAEMON_STARTED, None, pid=os.getpid(),
+                                                   workers=self.count)
+        self._events.greet()
         log.info("supervisor %d started %d workers", os.getpid(), self.count)
 
     async def _wait_for_workers(self, timeout: float = 30.0) -> None:

@@ -3,6 +3,8 @@ reused, per identity, and never blocking a SIP worker."""
 
 from __future__ import annotations
 
+import os
+import signal
 import statistics
 import threading
 import time
@@ -13,7 +15,7 @@ import pytest
 import trustme
 
 from tests.integration.conftest import Stack, start_stack, stop_stack
-from tests.support.procs import free_tcp_udp_port
+from tests.support.procs import Daemon, free_tcp_udp_port
 from tests.support.sip import UdpUA, build_request
 from tests.support.trunk import SilentServer, TlsTrunk
 from tests.support.ua import SipUA
@@ -65,6 +67,11 @@ prefixes = ["+33"]
 address = "127.0.0.1:{self.down_port}"
 sni = "trunk.example.test"
 prefixes = ["+44"]
+
+[trunk.restart]  # a connection of its own, for the daemon restart test
+address = "127.0.0.1:{self.good.port}"
+sni = "alt.example.test"
+prefixes = ["+86"]
 
 [trunk.tenant_b]
 address = "127.0.0.1:{self.good.port}"
@@ -268,3 +275,41 @@ ca_list = "{tmp_path / 'ca2.pem'}"
     finally:
         stop_stack(stack)
         trunk.close()
+
+
+def test_calls_to_a_trunk_after_the_daemon_crashed_and_restarted(world: World) -> None:
+    """Kamailio runs on while the daemon is killed (SIGKILL: no conn.closed for its outbound
+    connections) and started again: the next call dials the trunk anew instead of taking the
+    dead daemon's connection from htable (which failed with a 477 for good)."""
+    stack = world.stack
+    caller = udp_ua(stack, "dora")
+
+    def call(conns: int) -> None:
+        d_caller = caller.invite(f"sip:+8610555@127.0.0.1:{stack.sip_port}")
+        conn = world.good.wait_conn(conns)
+        trunk = SipUA("trunk", domain="trunk.example.test", proxy=stack.tls_addr, tls=conn)
+        d_trunk, _ = trunk.answer()
+        caller.wait_answer(d_caller)
+        trunk.expect(method="ACK")
+        caller.bye(d_caller)
+        trunk.take_bye()
+        caller.expect(status=200)
+        del d_trunk
+
+    try:
+        call(len(world.good.conns) + 1)  # a new connection: the daemon's o: key in htable
+        before = len(world.good.conns)
+        old_srcs = {e.src for e in stack.events.events}
+        config, old = stack.daemon.config, stack.daemon
+        os.killpg(old.popen.pid, signal.SIGKILL)
+        old.stop()
+        stack.daemon = Daemon(config.parent, config)
+        stack.daemon.wait_ready()
+        # The rtimer reconnects and is greeted with daemon.started; it polls every 50 ms.
+        stack.events.wait_for(lambda e: e.type == ev.DAEMON_STARTED and e.src not in old_srcs,
+                              timeout=5)
+        time.sleep(0.5)
+        call(before + 1)
+    finally:
+        caller.close()
+

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import trustme
 import zmq
 
 from tlsbridge.daemon.channels import EventSink
-from tlsbridge.daemon.config import load_config
+from tlsbridge.daemon.config import Config, load_config
 from tlsbridge.daemon.hub import Hub
 from tlsbridge.shared import events as ev
 from tlsbridge.shared.events import ConnRef
@@ -53,7 +54,7 @@ def test_wants_follows_subscriptions(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_hub_publishes_only_what_is_subscribed(tmp_path: Path) -> None:
+def _config(tmp_path: Path) -> Config:
     cert = trustme.CA().issue_cert("sip.example.com")
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
     (tmp_path / "t.toml").write_text(f"""
@@ -67,7 +68,11 @@ private_key = "{tmp_path}/server.pem"
 [[listener]]
 address = "127.0.0.1:5061"
 """)
-    config = load_config(tmp_path / "t.toml")
+    return load_config(tmp_path / "t.toml")
+
+
+def test_hub_publishes_only_what_is_subscribed(tmp_path: Path) -> None:
+    config = _config(tmp_path)
 
     async def main() -> list[list[bytes]]:
         hub = Hub(config)
@@ -96,3 +101,31 @@ address = "127.0.0.1:5061"
     got = asyncio.run(main())
     events = [ev.decode_event(frames) for frames in got]
     assert [(e.topic, e.seq) for e in events] == [("conn.closed.out", n) for n in (1, 2, 3)]
+
+
+def test_a_new_subscriber_to_daemon_started_is_greeted(tmp_path: Path) -> None:
+    """Kamailio's rtimer takes few events: a daemon restarted under it says so at once."""
+    config = _config(tmp_path)
+
+    async def main() -> list[ev.Event]:
+        hub = Hub(config)
+        hub.start()
+        subs = []
+        for prefix in (b"daemon.", b"outbound."):
+            sub = zmq.Context.instance().socket(zmq.SUB)
+            sub.setsockopt(zmq.SUBSCRIBE, prefix)
+            sub.connect(config.events_endpoint)
+            subs.append(sub)
+        try:
+            await until(lambda: bool(subs[0].poll(0)))
+            greeted = [ev.decode_event(subs[0].recv_multipart())]
+            await asyncio.sleep(0.2)
+            assert not subs[1].poll(0)  # not a subscriber of daemon.started
+            return greeted
+        finally:
+            for sub in subs:
+                sub.close(linger=0)
+            await hub.close()
+
+    [event] = asyncio.run(main())
+    assert event.type == ev.DAEMON_STARTED and event.fields["pid"] == os.getpid()
