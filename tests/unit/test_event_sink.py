@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import trustme
@@ -19,7 +20,7 @@ IN = ConnRef(id=1, peer="198.51.100.7:40001", direction="in", hairpin="127.0.0.1
 OUT = ConnRef(id=2, peer="203.0.113.9:5061", direction="out", hairpin="127.0.0.1:41002")
 
 
-async def until(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while not cond():
