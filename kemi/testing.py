@@ -181,6 +181,18 @@ class _Hdr:
         return None
 
 
+class _X:
+    """KSR.x: `modf(name, *args)` calls are recorded in `ksr.modf_calls` and answer what
+    `ksr.modf_results[name]` says (-1, Kamailio's "false", by default)."""
+
+    def __init__(self, ksr: FakeKSR) -> None:
+        self._ksr = ksr
+
+    def modf(self, name: str, *args: str) -> int:
+        self._ksr.modf_calls.append((name, *args))
+        return self._ksr.modf_results.get(name, -1)
+
+
 class _SL:
     """KSR.sl: replies are recorded in `ksr.replies`."""
 
@@ -203,8 +215,10 @@ class FakeKSR(types.ModuleType):
 
     State: `pvs` (pseudo-variables), `htables` (table -> dict), `logs` ((level, text) pairs),
     `replies` (Reply), `added_headers`, `removed_headers`, `reply_headers`, `headers` (the
-    current message's headers, for `KSR.hdr.get`). Modules that are not modelled raise an
-    AttributeError naming them; add your own stub as an attribute (`ksr.tm = MyTm()`).
+    current message's headers, for `KSR.hdr.get`), `modf_calls` and `modf_results`
+    (`KSR.x.modf`: cfg-only functions such as tcpops' `tcp_get_conid`). Modules that are not
+    modelled raise an AttributeError naming them; add your own stub as an attribute
+    (`ksr.tm = MyTm()`).
     """
 
     def __init__(self) -> None:
@@ -217,10 +231,13 @@ class FakeKSR(types.ModuleType):
         self.removed_headers: list[str] = []
         self.reply_headers: list[str] = []
         self.headers: dict[str, str] = {}
+        self.modf_calls: list[tuple[str, ...]] = []
+        self.modf_results: dict[str, int] = {}
         self.pv = _PV(self.pvs)
         self.htable = _HTable(self.htables)
         self.hdr = _Hdr(self)
         self.sl = _SL(self)
+        self.x = _X(self)
         self._previous: Any = None
         self._installed = False
 

@@ -22,9 +22,11 @@ import zmq
 
 from tlsbridge.kemi import testing
 from tlsbridge.kemi.bridge import HTABLE, BridgeConnection, TlsBridge
+from tlsbridge.kemi.uri import parse_uri
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
 from tlsbridge.shared import factsmap
+from tlsbridge.shared.addr import target_key
 from tlsbridge.shared.events import ConnRef, Event, EventEncoder
 from tlsbridge.shared.facts import CertInfo, DistinguishedName, TlsFacts
 
@@ -730,6 +732,21 @@ def test_outbound_ready_fills_htable(ksr: testing.FakeKSR, subscribed: TlsBridge
     publisher.publish(ev.OUTBOUND_READY, out, tls=facts())
     drain_count(subscribed, events=1)
     assert htable_entry(ksr, out) == entry(out, facts())
+
+
+def test_a_tls_peer_with_a_live_hairpin_is_reached_over_it(ksr: testing.FakeKSR,
+                                                           bridge: TlsBridge) -> None:
+    uri = parse_uri("sip:198.51.100.7:40001;transport=tls")
+    key = target_key(uri.host, 40001, None, "default")
+    assert bridge._known_peer(key, uri, plain=True) is None  # Kamailio has no such connection
+    assert ksr.modf_calls == [("tcp_get_conid", "198.51.100.7:40001", "$var(tlsb_conid)")]
+    ksr.modf_results["tcp_get_conid"] = 1
+    assert bridge._known_peer(key, uri, plain=True) == "198.51.100.7:40001"
+    # Another SNI or client profile is another identity: it gets a connection of its own.
+    assert bridge._known_peer(key, uri, plain=False) is None
+    # The daemon's connection for exactly this target comes first.
+    ksr.htable.sht_sets(HTABLE, f"o:{key}", "198.51.100.7:40002")
+    assert bridge._known_peer(key, uri, plain=True) == "198.51.100.7:40002"
 
 
 def test_rtimer_takes_only_outbound_events_and_restarts(
