@@ -17,7 +17,7 @@ import trustme
 from tests.integration.conftest import Stack, start_stack, stop_stack
 from tests.support.procs import Daemon, free_tcp_udp_port
 from tests.support.sip import UdpUA, build_request
-from tests.support.trunk import SilentServer, TlsTrunk
+from tests.support.trunk import SilentServer, TlsTrunk, TrunkConn
 from tests.support.ua import SipUA
 from tlsbridge.shared import events as ev
 
@@ -103,6 +103,22 @@ def udp_ua(stack: Stack, user: str) -> SipUA:
     return SipUA(user, domain="localhost", proxy=("127.0.0.1", stack.sip_port), udp=UdpUA())
 
 
+def call_over_trunk(world: World, caller: SipUA, number: str, conns: int) -> TrunkConn:
+    """A call to `number`, answered and then hung up by the caller, which the good trunk
+    receives on its `conns`-th connection (returned)."""
+    stack = world.stack
+    d = caller.invite(f"sip:{number}@127.0.0.1:{stack.sip_port}")
+    conn = world.good.wait_conn(conns)
+    trunk = SipUA("trunk", domain="trunk.example.test", proxy=stack.tls_addr, tls=conn)
+    trunk.answer()
+    caller.wait_answer(d)
+    trunk.expect(method="ACK")
+    caller.bye(d)
+    trunk.take_bye()
+    caller.expect(status=200)
+    return conn
+
+
 def test_udp_ua_calls_a_tls_trunk_and_the_trunk_hangs_up(world: World) -> None:
     stack = world.stack
     caller = udp_ua(stack, "alice")
@@ -173,23 +189,14 @@ def test_two_tenants_to_one_trunk_get_their_own_connections(world: World) -> Non
     caller = udp_ua(stack, "dave")
     try:
         before = len(world.good.conns)
-        d = caller.invite(f"sip:+6212345@127.0.0.1:{stack.sip_port}")
-        conn = world.good.wait_conn(before + 1)
+        conn = call_over_trunk(world, caller, "+6212345", before + 1)
         assert conn.sni == "alt.example.test"
         # The second identity presented its client certificate; the first one none.
         assert world.good.client_subjects[-1]
-        trunk = SipUA("trunk", domain="trunk.example.test", proxy=stack.tls_addr, tls=conn)
-        d_trunk, _ = trunk.answer()
-        caller.wait_answer(d)
-        trunk.expect(method="ACK")
-        caller.bye(d)
-        trunk.take_bye()
-        caller.expect(status=200)
         listed = stack.daemon.request("list")["conns"]
         outs = [c for c in listed if c["conn"]["direction"] == "out"
                 and c["tls"]["sni"] in ("trunk.example.test", "alt.example.test")]
         assert len({c["conn"]["peer"] for c in outs}) == len(outs) >= 1
-        del d_trunk
     finally:
         caller.close()
 
@@ -283,21 +290,9 @@ def test_calls_to_a_trunk_after_the_daemon_crashed_and_restarted(world: World) -
     dead daemon's connection from htable (which failed with a 477 for good)."""
     stack = world.stack
     caller = udp_ua(stack, "dora")
-
-    def call(conns: int) -> None:
-        d_caller = caller.invite(f"sip:+8610555@127.0.0.1:{stack.sip_port}")
-        conn = world.good.wait_conn(conns)
-        trunk = SipUA("trunk", domain="trunk.example.test", proxy=stack.tls_addr, tls=conn)
-        d_trunk, _ = trunk.answer()
-        caller.wait_answer(d_caller)
-        trunk.expect(method="ACK")
-        caller.bye(d_caller)
-        trunk.take_bye()
-        caller.expect(status=200)
-        del d_trunk
-
     try:
-        call(len(world.good.conns) + 1)  # a new connection: the daemon's o: key in htable
+        # A new connection: the daemon's o: key in htable.
+        call_over_trunk(world, caller, "+8610555", len(world.good.conns) + 1)
         before = len(world.good.conns)
         old_srcs = {e.src for e in stack.events.events}
         config, old = stack.daemon.config, stack.daemon
@@ -309,7 +304,7 @@ def test_calls_to_a_trunk_after_the_daemon_crashed_and_restarted(world: World) -
         stack.events.wait_for(lambda e: e.type == ev.DAEMON_STARTED and e.src not in old_srcs,
                               timeout=5)
         time.sleep(0.5)
-        call(before + 1)
+        call_over_trunk(world, caller, "+8610555", before + 1)
     finally:
         caller.close()
 
