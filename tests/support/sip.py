@@ -114,6 +114,7 @@ class TlsUA:
         timeout: float = 5.0,
         cert: str | None = None,
         key: str | None = None,
+        source: str | None = None,
     ) -> None:
         ctx = ssl.create_default_context(cafile=ca)
         if cert:
@@ -130,6 +131,8 @@ class TlsUA:
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         raw.settimeout(timeout)
         try:
+            if source is not None:  # another loopback address: no other test socket uses it
+                raw.bind((source, 0))
             raw.connect((host, port))
         except OSError:
             raw.close()
