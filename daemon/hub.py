@@ -186,7 +186,7 @@ class Hub:
         if self._facts_map is not None and conn.facts is not None:
             # Our certificate by reference: a worker gets it whole once, by a look-up.
             tls = conn.facts.to_dict(local_by_reference=True)
-            slot = self._facts_map.put(port, factsmap.encode_entry(conn.ref.to_dict(), tls))
+            slot = self._facts_map.put(port, factsmap.encode_entry(conn.ref, tls))
             if slot:
                 self._map_slots[conn.id] = (port, slot)
             else:

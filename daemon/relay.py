@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from tlsbridge.daemon.hub import Hub
 
 
+_NOT_PAUSED: frozenset[str] = frozenset()  # one for every relay that reads
+
+
 class State(enum.Enum):
     HANDSHAKE = "handshake"
     CONNECTING = "connecting"
@@ -36,6 +39,8 @@ class State(enum.Enum):
 
 
 class _HairpinSide(asyncio.Protocol):
+    __slots__ = ("relay",)
+
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
 
@@ -82,7 +87,7 @@ class Relay(asyncio.Protocol):
         self._hairpin: asyncio.Transport | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
-        self._paused_by: set[str] = set()
+        self._paused_by = _NOT_PAUSED
         self._tls_done = False
         self._hairpin_done = False
         self._timer: asyncio.TimerHandle | None = None
@@ -425,10 +430,11 @@ class Relay(asyncio.Protocol):
     def pause_tls_reading(self, why: str) -> None:
         if not self._paused_by and self._tls is not None:
             self._tls.pause_reading()
-        self._paused_by.add(why)
+        self._paused_by |= {why}
 
     def resume_tls_reading(self, why: str) -> None:
-        self._paused_by.discard(why)
+        if why in self._paused_by:
+            self._paused_by -= {why}
         if not self._paused_by and self._tls is not None and self.state is not State.CLOSED:
             self._tls.resume_reading()
 

@@ -121,7 +121,7 @@ class TlsBridge(RoutingMixin):
         self._map: FactsMapReader | None = None
         self._local_certs: dict[str, CertInfo] = {}
         self._tls_memo: dict[bytes, TlsFacts] = {}
-        self._cache: OrderedDict[str, BridgeConnection] = OrderedDict()
+        self._cache: OrderedDict[int, BridgeConnection] = OrderedDict()
         self._sub: zmq.Socket | None = None
         self._sub_pid = 0
         self._tracker = SeqTracker()
@@ -146,7 +146,9 @@ class TlsBridge(RoutingMixin):
 
     def from_bridge(self) -> bool:
         """Did the current message arrive over a hairpin from the daemon?"""
-        pv = _ksr().pv
+        return self._on_hairpin(_ksr().pv)
+
+    def _on_hairpin(self, pv: Any) -> bool:
         if (pv.get("$pr") or "").lower() != "tcp":
             return False
         host, port = self.hairpin
@@ -155,14 +157,14 @@ class TlsBridge(RoutingMixin):
     def connection(self) -> BridgeConnection | None:
         """The bridge's connection of the current message, or None if it is not from the bridge."""
         pv = _ksr().pv
-        conid = str(pv.get("$conid"))
+        conid = pv.get("$conid")
         # Kamailio never reuses a connection id, and only bridge connections are cached: a hit
         # needs no from_bridge() (three variable reads on every message of a dialog).
         found = self._cache.get(conid)
         if found is not None:
             self.stats["cache_hits"] += 1
             return found
-        if not self.from_bridge():
+        if not self._on_hairpin(pv):
             return None
         port = int(pv.get("$tcp(c_sp)"))
         key = format_addr(str(pv.get("$tcp(c_si)")), port)
@@ -190,8 +192,7 @@ class TlsBridge(RoutingMixin):
         if raw is None:
             return None
         try:
-            conn_d, tls_raw = decode_entry(raw)
-            conn = ConnRef.from_dict(conn_d)
+            conn, tls_raw = decode_entry(raw)
             # The port's newest entry may be of an earlier hairpin from that port.
             if conn.hairpin != key or conn.peer != peer:
                 return None

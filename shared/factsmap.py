@@ -3,9 +3,11 @@
 A Kamailio worker that needs the facts of its message's connection reads them here: no
 datagram, no context switch to the daemon, no wake-up of the daemon. The daemon writes each
 connection's entry before it sends the PROXY header, so the entry is there before Kamailio can
-see a byte of the connection. An entry is the msgpack array `[conn, tls]` of the look-up's
-`conn` map and, as bytes, the msgpack of its `tls` map: most connections of a listener have
-byte-identical facts (no client certificate), which a reader then parses once.
+see a byte of the connection. An entry is the msgpack array `[id, peer, direction, hairpin,
+listener, tls]`: the look-up's `conn` map by position (a Kamailio worker decodes one per new
+connection: no key strings to build), then, as bytes, the msgpack of its `tls` map: most
+connections of a listener have byte-identical facts (no client certificate), which a reader
+then parses once.
 
 Layout of the file (little-endian), `{run_dir}/facts.map`, best on tmpfs (/run):
 
@@ -32,8 +34,10 @@ from typing import Any
 
 import msgpack
 
+from tlsbridge.shared.events import ConnRef
+
 MAGIC = b"TLSBFMAP"
-VERSION = 2  # 2: msgpack entries
+VERSION = 3  # 2: msgpack entries; 3: the conn map by position
 PORTS = 65536
 _HEADER = struct.Struct("<8sIII")  # magic, version, regions, region_size
 HEADER_SIZE = 64
@@ -45,25 +49,29 @@ _ENTRY = struct.Struct("<QII")  # position, length, crc32
 _POSITION_BITS = 56
 _POSITION_MASK = (1 << _POSITION_BITS) - 1
 DEFAULT_SIZE = 16 << 20
+_DIRECTIONS = ("in", "out")
 
 
 def facts_map_of(run_dir: os.PathLike[str] | str) -> str:
     return os.path.join(run_dir, "facts.map")
 
 
-def encode_entry(conn: dict[str, Any], tls: dict[str, Any]) -> bytes:
-    return msgpack.packb([conn, msgpack.packb(tls)])
+def encode_entry(conn: ConnRef, tls: dict[str, Any]) -> bytes:
+    return msgpack.packb([conn.id, conn.peer, conn.direction, conn.hairpin, conn.listener,
+                          msgpack.packb(tls)])
 
 
-def decode_entry(data: bytes) -> tuple[dict[str, Any], bytes]:
-    """The `conn` map and the still encoded `tls` map; ValueError if it is not an entry."""
+def decode_entry(data: bytes) -> tuple[ConnRef, bytes]:
+    """The connection and its still encoded `tls` map; ValueError if it is not an entry."""
     try:
-        conn, tls = msgpack.unpackb(data)
+        id_, peer, direction, hairpin, listener, tls = msgpack.unpackb(data)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise ValueError(f"not a facts map entry: {exc}") from None
-    if not isinstance(conn, dict) or not isinstance(tls, bytes):
-        raise ValueError("not a facts map entry: [conn map, tls bytes] expected")
-    return conn, tls
+    if not (type(id_) is int and type(peer) is str and direction in _DIRECTIONS
+            and type(hairpin) is str and type(tls) is bytes
+            and (listener is None or type(listener) is str)):
+        raise ValueError("not a facts map entry: [id, peer, direction, hairpin, listener, tls]")
+    return ConnRef(id_, peer, direction, hairpin, listener), tls
 
 
 def decode_tls(tls: bytes) -> dict[str, Any]:

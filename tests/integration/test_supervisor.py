@@ -81,7 +81,7 @@ def test_every_worker_writes_the_facts_map(tmp_path: Path, certs: dict[str, Path
             raw = reader.get(parse_addr(hairpin)[1])
             assert raw is not None, f"no map entry for {hairpin}"
             conn, tls = decode_entry(raw)
-            assert conn == item["conn"]
+            assert conn.to_dict() == item["conn"]
             assert decode_tls(tls)["cipher"] == item["tls"]["cipher"]
     finally:
         for ua in uas:

@@ -503,7 +503,7 @@ def test_miss_looks_up_and_caches_per_conid(
 def put_map(path: str, ref: ConnRef, tls: TlsFacts) -> None:
     assert ref.hairpin
     port = int(ref.hairpin.rsplit(":", 1)[1])
-    data = factsmap.encode_entry(ref.to_dict(), tls.to_dict(local_by_reference=True))
+    data = factsmap.encode_entry(ref, tls.to_dict(local_by_reference=True))
     factsmap.FactsMapWriter(path, 0).put(port, data)
 
 
@@ -558,11 +558,12 @@ def test_a_facts_map_entry_that_is_not_one_is_a_miss(
     writer = factsmap.FactsMapWriter(map_path, 0)
     daemon.add(ref, MTLS_FACTS)
     for n, junk in enumerate([b"\xc1", msgpack.packb([1, 2]), msgpack.packb([{}, b"\xc1"]),
-                              factsmap.encode_entry(ref.to_dict(), {"version": 1})]):
+                              factsmap.encode_entry(ref, {"version": 1}),
+                              msgpack.packb([1, "p", "sideways", "h", None, b""])]):
         writer.put(int(str(ref.hairpin).rsplit(":", 1)[1]), junk)
         over_hairpin(ksr, ref, conid=100 + n)
         assert mapped.connection() == BridgeConnection(ref, MTLS_FACTS)  # asked the daemon
-    assert mapped.stats["map_hits"] == 0 and daemon.ops() == ["lookup"] * 4
+    assert mapped.stats["map_hits"] == 0 and daemon.ops() == ["lookup"] * 5
 
 
 def test_facts_map_entry_of_an_earlier_hairpin_is_not_taken(
