@@ -21,6 +21,7 @@ import zmq.asyncio
 from tlsbridge.daemon.admission import Admission
 from tlsbridge.daemon.channels import ControlServer, EventSink, unlink
 from tlsbridge.daemon.lookup_server import LookupServer
+from tlsbridge.daemon.supervisors.note import encode_note
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
 from tlsbridge.shared import factsmap
@@ -219,8 +220,12 @@ class Hub:
     def publish(self, type_: str, conn: ConnRef | None, **fields: Any) -> None:
         count_event(self.counters, type_, fields)
         log_event(type_, conn, fields)
-        if self._events is not None and self._events.wants(ev.topic_of(type_, conn)):
-            self._events.send(self._encoder.encode(type_, conn, **fields)[1])
+        events = self._events
+        if events is not None and events.wants(ev.topic_of(type_, conn)):
+            frames = self._encoder.encode(type_, conn, **fields)[1]
+            if self.worker is not None and conn is not None:
+                frames.append(encode_note(conn, fields))
+            events.send(frames)
 
     # -- control ----------------------------------------------------------------------------
 

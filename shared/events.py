@@ -154,6 +154,13 @@ class EventEncoder:
         event = Event(type_, seq, time.time(), self.src, conn, fields)
         return event, [topic.encode(), msgpack.packb(event.to_dict(), use_bin_type=True)]
 
+    def renumber(self, topic: str, body: dict[str, Any]) -> list[bytes]:
+        """Another publisher's event (its decoded body) as ours: our `src`, the next `seq`
+        of its topic."""
+        body["seq"] = self._seq[topic] = self._seq.get(topic, 0) + 1
+        body["src"] = self.src
+        return [topic.encode(), msgpack.packb(body, use_bin_type=True)]
+
 
 def decode_event(frames: list[bytes]) -> Event:
     """Parse one message of the stream; raises EventError, never returns a partial event."""

@@ -4,7 +4,9 @@ Each TLS connection lives and dies in one worker: no TLS state is ever shared or
 supervisor owns what clients see as one daemon: the events endpoint (it republishes the
 workers' events with its own sequence numbers), the control endpoint (answered from the
 connection table it builds from those events, or forwarded to the worker that owns the
-connection), and the workers' lives (restarted when one dies).
+connection), and the workers' lives (restarted when one dies). The table keeps each
+connection's tls.established as the worker encoded it: the supervisor reads the note beside
+each event (supervisors/note.py) and decodes an event only for a subscriber or a question.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 import zlib
 from typing import Any
 
+import msgpack
 import zmq
 import zmq.asyncio
 
@@ -39,6 +42,7 @@ from tlsbridge.daemon.hub import (
     worker_events_endpoint,
 )
 from tlsbridge.daemon.lookup_server import LookupServer
+from tlsbridge.daemon.supervisors.note import decode_note
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
 from tlsbridge.shared import factsmap
@@ -51,6 +55,32 @@ FORWARD_TIMEOUT = 5.0
 EVENT_BATCH = 500  # worker events handled per turn of the loop
 _COUNTED_HERE = ("events", "tls.failed.", "hairpin.failed.", "conn.closed.", "bytes_")
 RESTART_DELAY = 1.0
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: pyzmq's flags are enums
+# Events the supervisor keeps its books by from their note alone (outbound.ready needs its key).
+_BY_NOTE = frozenset(f"{t}.{d}".encode() for t in (ev.TLS_ESTABLISHED, ev.CONN_CLOSED,
+                                                   ev.TLS_FAILED, ev.HAIRPIN_FAILED)
+                     for d in ("in", "out"))
+
+
+class _Open:
+    """An open connection of a worker: its tls.established as the worker encoded it."""
+
+    __slots__ = ("body", "direction", "hairpin", "keys", "since")
+
+    def __init__(self, body: bytes, direction: str, hairpin: str | None) -> None:
+        self.body = body
+        self.direction = direction
+        self.hairpin = hairpin
+        self.since = time.time()
+        self.keys: list[str] = []
+
+    def facts(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Its `conn` and `tls` maps; ValueError if the worker's event was not one."""
+        try:
+            d = msgpack.unpackb(self.body)
+            return dict(d["conn"]), d.get("tls")
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+            raise ValueError(f"bad tls.established from a worker: {exc}") from None
 
 
 class Supervisor:
@@ -61,7 +91,7 @@ class Supervisor:
         self.src = secrets.token_hex(8)
         self._encoder = EventEncoder(self.src)
         self.counters: collections.Counter[str] = collections.Counter()
-        self.table: dict[int, dict[str, Any]] = {}
+        self.table: dict[int, _Open] = {}
         # Limits count across all workers here; workers ask before they read a byte.
         self.admission = Admission(effective_max_connections(config.max_connections),
                                    config.max_per_ip)
@@ -162,10 +192,14 @@ class Supervisor:
             del self._closed_early[conn_id]
         for conn_id in [i for i in self.table if (i - 1) % self.count == index]:
             entry = self.table.pop(conn_id)
-            self.by_hairpin.pop(entry["conn"].get("hairpin") or "", None)
-            self._publish(ev.CONN_CLOSED, ev.ConnRef.from_dict(entry["conn"]),
-                          reason="worker_died", bytes_in=0, bytes_out=0, duration=0.0,
-                          keys=entry.get("keys", []))
+            self.by_hairpin.pop(entry.hairpin or "", None)
+            try:
+                conn = ev.ConnRef.from_dict(entry.facts()[0])
+            except (ValueError, ev.EventError) as exc:
+                log.error("conn %d of worker %d: %s", conn_id, index, exc)
+                continue
+            self._publish(ev.CONN_CLOSED, conn, reason="worker_died", bytes_in=0, bytes_out=0,
+                          duration=0.0, keys=entry.keys)
 
     def _admit(self, ip: str, conn_id: int) -> str | None:
         if conn_id in self._closed_early:  # it closed before its admission was asked for
@@ -178,16 +212,16 @@ class Supervisor:
             self._admitted[conn_id] = ip
         return refused
 
-    def _release(self, conn: ev.ConnRef) -> None:
+    def _release(self, conn_id: int, direction: str) -> None:
         """Give back what this connection's admission took; its close can come first (the
         events and the admission requests travel on different sockets)."""
-        if conn.direction != "in" or not self.admits:
+        if direction != "in" or not self.admits:
             return
-        ip = self._admitted.pop(conn.id, None)
+        ip = self._admitted.pop(conn_id, None)
         if ip is not None:
             self.admission.release(ip)
             return
-        self._closed_early[conn.id] = True
+        self._closed_early[conn_id] = True
         while len(self._closed_early) > 10_000:
             self._closed_early.popitem(last=False)
 
@@ -237,44 +271,75 @@ class Supervisor:
         if self._pull.closed:  # a turn scheduled before shutdown
             return
         for _ in range(EVENT_BATCH):
-            if not self._pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not self._pull.get(_EVENTS) & _POLLIN:
                 return
             self._republish(self._pull.recv_multipart(zmq.NOBLOCK))
         asyncio.get_running_loop().call_soon(self._drain_events)
 
     def _republish(self, frames: list[bytes]) -> None:
+        if len(frames) == 3 and frames[0] in _BY_NOTE:
+            self._take_noted(frames)
+            return
         try:
-            event = ev.decode_event(frames)
+            event = ev.decode_event(frames[:2])
         except ev.EventError as exc:
             log.error("bad event from a worker: %s", exc)
             return
-        self._track(event)
+        self._track(event, frames[1])
         self._publish(event.type, event.conn, **event.fields)
 
-    def _track(self, event: ev.Event) -> None:
+    def _take_noted(self, frames: list[bytes]) -> None:
+        topic_b, body, raw_note = frames
+        try:
+            note = decode_note(raw_note)
+        except ValueError as exc:
+            log.error("bad event from a worker: %s", exc)
+            return
+        topic = topic_b.decode()
+        type_, direction = topic.rsplit(".", 1)
+        count_event(self.counters, type_, {"reason": note.reason})
+        if type_ == ev.TLS_ESTABLISHED:
+            self._opened(note.id, body, direction, note.hairpin)
+        elif type_ == ev.CONN_CLOSED:
+            self._closed(note.id, direction, note.bytes_in, note.bytes_out)
+        if self._events.wants(topic):
+            try:
+                decoded = msgpack.unpackb(body)
+            except (ValueError, msgpack.UnpackException) as exc:
+                log.error("bad event from a worker: %s", exc)
+                return
+            self._events.send(self._encoder.renumber(topic, decoded))
+
+    def _opened(self, conn_id: int, body: bytes, direction: str, hairpin: str | None) -> None:
+        self.table[conn_id] = _Open(body, direction, hairpin)
+        if hairpin:
+            self.by_hairpin[hairpin] = conn_id
+
+    def _closed(self, conn_id: int, direction: str, bytes_in: int, bytes_out: int) -> None:
+        self._release(conn_id, direction)
+        entry = self.table.pop(conn_id, None)
+        if entry is not None and entry.hairpin and self.by_hairpin.get(entry.hairpin) == conn_id:
+            del self.by_hairpin[entry.hairpin]
+        self.counters["bytes_in_closed"] += bytes_in
+        self.counters["bytes_out_closed"] += bytes_out
+
+    def _track(self, event: ev.Event, body: bytes) -> None:
         conn = event.conn
         if conn is None:
             return
         if event.type == ev.TLS_ESTABLISHED:
-            self.table[conn.id] = {"conn": conn.to_dict(), "tls": event.fields.get("tls"),
-                                   "since": event.ts, "keys": []}
-            if conn.hairpin:
-                self.by_hairpin[conn.hairpin] = conn.id
+            self._opened(conn.id, body, conn.direction, conn.hairpin)
         elif event.type == ev.OUTBOUND_READY and conn.id in self.table:
-            keys = self.table[conn.id]["keys"]
+            keys = self.table[conn.id].keys
             if event.fields.get("key") not in keys:
                 keys.append(event.fields.get("key"))
         elif event.type == ev.CONN_CLOSED:
-            self._release(conn)
-            self.table.pop(conn.id, None)
-            if conn.hairpin and self.by_hairpin.get(conn.hairpin) == conn.id:
-                del self.by_hairpin[conn.hairpin]
-            self.counters["bytes_in_closed"] += int(event.fields.get("bytes_in", 0))
-            self.counters["bytes_out_closed"] += int(event.fields.get("bytes_out", 0))
+            self._closed(conn.id, conn.direction, int(event.fields.get("bytes_in", 0)),
+                         int(event.fields.get("bytes_out", 0)))
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """From the events (bytes of open connections count once they close)."""
-        directions = collections.Counter(e["conn"]["direction"] for e in self.table.values())
+        directions = collections.Counter(e.direction for e in self.table.values())
         return rl.metrics_snapshot(self.config, dict(self.counters), directions["in"],
                                    directions["out"])
 
@@ -298,11 +363,21 @@ class Supervisor:
         return self._forwarded(req)
 
     def lookup_entry(self, hairpin: str) -> Any:
-        conn_id = self.by_hairpin.get(hairpin)
-        entry = self.table.get(conn_id) if conn_id is not None else None
-        if entry is not None and entry.get("tls") is not None:
-            return facts_entry(entry["conn"], entry["tls"])
+        found = self._facts_of(self.by_hairpin.get(hairpin))
+        if found is not None:
+            return facts_entry(*found)
         return self._lookup_in_workers(hairpin)  # its event is still on the way
+
+    def _facts_of(self, conn_id: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        entry = self.table.get(conn_id) if type(conn_id) is int else None
+        if entry is None:
+            return None
+        try:
+            conn, tls = entry.facts()
+        except ValueError as exc:
+            log.error("conn %d: %s", conn_id, exc)
+            return None
+        return (conn, tls) if tls is not None else None
 
     async def _lookup_in_workers(self, hairpin: str) -> bytes | None:
         try:
@@ -315,11 +390,12 @@ class Supervisor:
         conn_id = args.get("id")
         if isinstance(args.get("hairpin"), str):
             conn_id = self.by_hairpin.get(args["hairpin"])
-        entry = self.table.get(conn_id) if isinstance(conn_id, int) else None
-        if entry is None or entry.get("tls") is None:
+        found = self._facts_of(conn_id)
+        if found is None:
             return None  # not seen yet (or by peer): the workers know
-        return {"conn": entry["conn"], "tls": entry["tls"], "bytes_in": 0, "bytes_out": 0,
-                "age": round(time.time() - entry["since"], 3), "keys": entry["keys"]}
+        entry = self.table[conn_id]
+        return {"conn": found[0], "tls": found[1], "bytes_in": 0, "bytes_out": 0,
+                "age": round(time.time() - entry.since, 3), "keys": entry.keys}
 
     async def _forwarded(self, req: ctl.Request) -> bytes | None:
         try:
