@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import sys
 from datetime import UTC, datetime
 
 from cryptography import x509
@@ -168,8 +169,10 @@ def facts_from_ssl(
         verified, verify_error = True, None
 
     return TlsFacts(
-        version=version,
-        cipher=name,
+        # OpenSSL's few names, shared by every connection's facts (not the peer's SNI: a peer
+        # must not grow the interned strings).
+        version=sys.intern(version),
+        cipher=sys.intern(name),
         cipher_bits=bits,
         sni=sni,
         alpn=obj.selected_alpn_protocol(),

@@ -85,10 +85,11 @@ class Listener:
     engine: str | None = None  # overrides the profile's engine
     sni_profiles: tuple[str, ...] = ()  # profiles chosen by their server_names
     strict_sni: bool = False  # refuse a handshake whose SNI no profile serves
+    # Formatted once: every connection's events name its listener.
+    address: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def address(self) -> str:
-        return format_addr(self.host, self.port)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", format_addr(self.host, self.port))
 
 
 @dataclass(frozen=True, slots=True)

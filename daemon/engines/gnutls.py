@@ -39,6 +39,7 @@ import functools
 import ipaddress
 import os
 import ssl
+import sys
 from collections.abc import Sequence
 from ctypes import (
     CFUNCTYPE,
@@ -1013,8 +1014,8 @@ class GnuTLSEngine(TlsEngine):
         cipher = lib.gnutls_cipher_get(s)
         tls13 = version == "TLS1.3"
         return TlsFacts(
-            version=version.replace("TLS1.", "TLSv1.", 1),
-            cipher=self._cipher_name(lib, s, cipher, tls13),
+            version=sys.intern(version.replace("TLS1.", "TLSv1.", 1)),  # shared, as in
+            cipher=sys.intern(self._cipher_name(lib, s, cipher, tls13)),  # facts_from_ssl
             cipher_bits=int(lib.gnutls_cipher_get_key_size(cipher)) * 8,
             sni=_server_name(lib, s) if self._ctx.server_side else self._sni,
             alpn=self._alpn(lib, s),

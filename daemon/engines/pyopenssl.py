@@ -18,6 +18,7 @@ import contextlib
 import functools
 import ipaddress
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -544,8 +545,8 @@ class PyOpenSSLEngine(TlsEngine):
             verified = verify_error is None
         alpn = self._conn.get_alpn_proto_negotiated()
         return TlsFacts(
-            version=self._conn.get_protocol_version_name(),
-            cipher=self._conn.get_cipher_name() or "",
+            version=sys.intern(self._conn.get_protocol_version_name()),  # shared, as in
+            cipher=sys.intern(self._conn.get_cipher_name() or ""),  # certinfo.facts_from_ssl
             cipher_bits=self._conn.get_cipher_bits() or 0,
             sni=self._state.sni,
             alpn=alpn.decode("ascii", "replace") if alpn else None,
