@@ -27,6 +27,13 @@ class OpenSSLEngine(TlsEngine):
         self._obj = ctx.wrap_bio(
             self._in, self._out, server_side=server_side, server_hostname=server_hostname
         )
+        # The C object behind ssl.SSLObject, whose methods only forward to it: one Python
+        # call less per read, write and handshake step (the wrapper where it is missing).
+        self._c = getattr(self._obj, "_sslobj", self._obj)
+        # The same for the two BIO calls the relay makes per message: the BIOs' own methods,
+        # bound here, stand in for receive() and outgoing() below.
+        self.receive = self._in.write  # type: ignore[method-assign,assignment]
+        self.outgoing = self._out.read  # type: ignore[method-assign]
         self._local_cert = local_cert
         self._local_by_profile = local_by_profile or {}
         self.peer_closed = False
@@ -42,7 +49,7 @@ class OpenSSLEngine(TlsEngine):
         if self.handshake_done:
             return True
         try:
-            self._obj.do_handshake()
+            self._c.do_handshake()
         except ssl.SSLWantReadError:
             return False
         except ssl.SSLCertVerificationError as exc:
@@ -61,7 +68,7 @@ class OpenSSLEngine(TlsEngine):
         chunks = []
         while not self.peer_closed:
             try:
-                chunk = self._obj.read(READ_CHUNK)
+                chunk = self._c.read(READ_CHUNK)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -77,13 +84,13 @@ class OpenSSLEngine(TlsEngine):
                 self.peer_closed = True
                 break
             chunks.append(chunk)
-            if not (self._in.pending or self._in.eof or self._obj.pending()):
+            if not (self._in.pending or self._in.eof or self._c.pending()):
                 break  # all of it: spare the exception the next read() would raise
         return b"".join(chunks)
 
     def write(self, plaintext: bytes) -> None:
         try:
-            self._obj.write(plaintext)
+            self._c.write(plaintext)
         except ssl.SSLError as exc:
             raise TlsError("tls_error", exc.reason or str(exc)) from None
 
