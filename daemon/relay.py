@@ -143,7 +143,8 @@ class Relay(asyncio.Protocol):
             return
         self._timer = loop.call_later(self._handshake_limit(), self._handshake_timeout)
         self.hub.register(self)
-        self._pump_tls()  # a client engine speaks first
+        if self.direction == "out":  # a client speaks first; a server waits for its hello
+            self._pump_tls()
 
     def data_received(self, data: bytes) -> None:
         if self.state is State.CLOSED:
