@@ -147,7 +147,7 @@ class EventEncoder:
         if type_ not in EVENT_TYPES:
             raise EventError(f"unknown event type {type_!r}")
         topic = topic_of(type_, conn)
-        seq = self._seq[topic] = self._seq.get(topic, 0) + 1
+        seq = self._next_seq(topic)
         tls = fields.get("tls")
         if isinstance(tls, TlsFacts):
             fields["tls"] = tls.to_dict()
@@ -157,9 +157,13 @@ class EventEncoder:
     def renumber(self, topic: str, body: dict[str, Any]) -> list[bytes]:
         """Another publisher's event (its decoded body) as ours: our `src`, the next `seq`
         of its topic."""
-        body["seq"] = self._seq[topic] = self._seq.get(topic, 0) + 1
+        body["seq"] = self._next_seq(topic)
         body["src"] = self.src
         return [topic.encode(), msgpack.packb(body, use_bin_type=True)]
+
+    def _next_seq(self, topic: str) -> int:
+        seq = self._seq[topic] = self._seq.get(topic, 0) + 1
+        return seq
 
 
 def decode_event(frames: list[bytes]) -> Event:

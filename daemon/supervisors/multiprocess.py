@@ -285,7 +285,8 @@ class Supervisor:
         except ev.EventError as exc:
             log.error("bad event from a worker: %s", exc)
             return
-        self._track(event, frames[1])
+        if event.type == ev.OUTBOUND_READY and event.conn is not None:
+            self._add_key(event.conn.id, event.fields.get("key"))
         self._publish(event.type, event.conn, **event.fields)
 
     def _take_noted(self, frames: list[bytes]) -> None:
@@ -323,19 +324,10 @@ class Supervisor:
         self.counters["bytes_in_closed"] += bytes_in
         self.counters["bytes_out_closed"] += bytes_out
 
-    def _track(self, event: ev.Event, body: bytes) -> None:
-        conn = event.conn
-        if conn is None:
-            return
-        if event.type == ev.TLS_ESTABLISHED:
-            self._opened(conn.id, body, conn.direction, conn.hairpin)
-        elif event.type == ev.OUTBOUND_READY and conn.id in self.table:
-            keys = self.table[conn.id].keys
-            if event.fields.get("key") not in keys:
-                keys.append(event.fields.get("key"))
-        elif event.type == ev.CONN_CLOSED:
-            self._closed(conn.id, conn.direction, int(event.fields.get("bytes_in", 0)),
-                         int(event.fields.get("bytes_out", 0)))
+    def _add_key(self, conn_id: int, key: Any) -> None:
+        entry = self.table.get(conn_id)
+        if entry is not None and key not in entry.keys:
+            entry.keys.append(key)
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """From the events (bytes of open connections count once they close)."""

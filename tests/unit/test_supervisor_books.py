@@ -81,7 +81,8 @@ def test_books_kept_from_the_notes(worker: tuple[Hub, Recorder], sup: Supervisor
     for frames in sink.sent:
         sup._republish(frames)
     assert sup.by_hairpin == {"127.0.0.1:41001": 3, "127.0.0.1:41002": 5}
-    assert sup.metrics_snapshot() is not None
+    snapshot = sup.metrics_snapshot()
+    assert (snapshot["open_in"], snapshot["open_out"]) == (1, 1)
     assert sup.table[5].keys == ["trunk-a"]
     # A look-up the facts map missed decodes the kept event.
     entry = json.loads(sup.lookup_entry("127.0.0.1:41001"))
