@@ -30,7 +30,6 @@ from tests.support.ua import SipUA
 pytestmark = pytest.mark.integration
 
 STOCK = Path("/etc/kamailio")
-REPO = Path(__file__).resolve().parents[2]
 TLSBRIDGE = str(Path(sys.prefix) / "bin" / "tlsbridge")
 WITH_TLS = ["-A", "WITH_TLS"]
 # What a phone must never see, and what Kamailio must never log, once TLS is the bridge's job.
@@ -121,9 +120,9 @@ def migrate(site: Site) -> Path:
     toml.write_text(out.stdout)
     out = tlsbridge("migrate-cfg", "--in-place", str(site.cfg), *WITH_TLS, "--hairpin",
                     f"127.0.0.1:{site.hairpin_port}", "--tls-address",
-                    f"127.0.0.1:{site.tls_port}", "--script",
-                    str(REPO / "kamailio-cfg" / "tlsbridge_native.py"))
+                    f"127.0.0.1:{site.tls_port}", "--bridge-config", str(toml))
     assert out.returncode == 0, out.stderr
+    assert (site.etc / "tlsbridge_native.py").exists()  # written for app_python3
     return toml
 
 
@@ -181,8 +180,7 @@ def migrated(tmp_path_factory: pytest.TempPathFactory, certs: dict[str, Path],
     kamailio = None
     try:
         daemon.wait_ready()
-        kamailio = start_kamailio(site, "kamailio", {
-            "TLSBRIDGE_CONFIG": str(toml), "TLSBRIDGE_VENV": sys.prefix})
+        kamailio = start_kamailio(site, "kamailio")  # the written script knows its venv
         yield Migrated(site, toml, kamailio, daemon)
     finally:
         if kamailio is not None:
@@ -354,6 +352,5 @@ def test_cfgengine_beside_native_routes_is_refused_at_start_up(
                                r'\1\ncfgengine "python"', migrated.site.cfg.read_text()))
     assert 'cfgengine "python"' in site.cfg.read_text()
     with pytest.raises(RuntimeError, match="kamailio exited") as err:
-        start_kamailio(site, "refused", {"TLSBRIDGE_CONFIG": str(migrated.toml),
-                                         "TLSBRIDGE_VENV": sys.prefix})
+        start_kamailio(site, "refused")
     assert 'cfgengine "python" with native route blocks' in str(err.value)
