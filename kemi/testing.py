@@ -282,13 +282,13 @@ class FakeKSR(types.ModuleType):
     # -- core functions a script commonly calls ---------------------------------------------
 
     def set_advertised_address(self, host: str) -> int:
-        self.advertised = (host, self.advertised[1])
+        self.advertised = (host or None, self.advertised[1])
         return 1
 
     def set_advertised_port(self, port: str) -> int:
         if not isinstance(port, str):  # as Kamailio's KEMI: "kemi-param-s() argument 1"
             raise TypeError(f"kemi-param-s() argument 1 must be str, not {type(port).__name__}")
-        self.advertised = (self.advertised[0], int(port))
+        self.advertised = (self.advertised[0], int(port) if port else None)
         return 1
 
     def is_UDP(self) -> bool:  # Kamailio's spelling
