@@ -9,17 +9,16 @@ mappings lazily, after fork; no threads are started (Kamailio holds the GIL whil
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import zmq
 
+from tlsbridge.kemi.connection import BridgeConnection, parse_entry
 from tlsbridge.kemi.routing import FAILED, RELAY, SUSPENDED, Outcome, RoutingMixin
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
@@ -30,7 +29,12 @@ from tlsbridge.shared.facts import CertInfo, TlsFacts
 from tlsbridge.shared.factsmap import FactsMapReader, decode_entry, decode_tls
 from tlsbridge.shared.kamcfg import CfgError, KamailioCfg, kamailio_argv_cfg, load_cfg, udp_address
 from tlsbridge.shared.kamreview import Finding, errors, review_cfg
-from tlsbridge.shared.lookup import LookupClient, LookupUnavailable
+from tlsbridge.shared.lookup import (
+    LookupClient,
+    LookupUnavailable,
+    decode_json_entry,
+    encode_json_entry,
+)
 from tlsbridge.shared.settings import DEFAULT_RUN_DIR, BridgeSettings, Trunk, load_settings
 
 DEFAULT_CONFIG = "/etc/tlsbridge/tlsbridge.toml"
@@ -52,14 +56,6 @@ def _ksr() -> Any:
 
 class KamailioCfgRefused(RuntimeError):
     """Kamailio's cfg would break TLS through the bridge; the message says what to change."""
-
-
-@dataclass(frozen=True, slots=True)
-class BridgeConnection:
-    """The bridge's view of the connection a message arrived on."""
-
-    conn: ConnRef
-    tls: TlsFacts
 
 
 class TlsBridge(RoutingMixin):
@@ -259,7 +255,7 @@ class TlsBridge(RoutingMixin):
         return tls
 
     def _parse(self, entry: dict[str, Any]) -> BridgeConnection:
-        return _parse_entry(entry, self._known_local())
+        return parse_entry(entry, self._known_local())
 
     def _known_local(self) -> dict[str, CertInfo]:
         if len(self._local_certs) > _LOCAL_CERTS:
@@ -271,7 +267,7 @@ class TlsBridge(RoutingMixin):
         if not raw:
             return None
         try:
-            found = self._parse(json.loads(raw))
+            found = self._parse(decode_json_entry(raw))
         except (ValueError, ev.EventError) as exc:
             _ksr().warn(f"tlsbridge: bad htable entry for {key}: {exc}\n")
             return None
@@ -412,8 +408,7 @@ class TlsBridge(RoutingMixin):
     def _remember(self, conn: dict[str, Any], tls: Any, keys: Any = ()) -> None:
         sht = _ksr().htable
         if self.facts_in_htable and conn.get("hairpin") and tls:
-            entry = json.dumps({"conn": conn, "tls": tls}, separators=(",", ":"))
-            sht.sht_sets(self.htable, conn["hairpin"], entry)
+            sht.sht_sets(self.htable, conn["hairpin"], encode_json_entry(conn, tls).decode())
         for key in keys:
             if key:
                 sht.sht_sets(self.htable, f"o:{key}", conn["peer"])
@@ -423,7 +418,7 @@ class TlsBridge(RoutingMixin):
         sht = _ksr().htable
         if self.facts_in_htable and conn.hairpin:
             raw = sht.sht_get(self.htable, conn.hairpin)
-            if raw and json.loads(raw).get("conn", {}).get("id") == conn.id:
+            if raw and decode_json_entry(raw).get("conn", {}).get("id") == conn.id:
                 sht.sht_rm(self.htable, conn.hairpin)
         for key in keys:
             if sht.sht_get(self.htable, f"o:{key}") == conn.peer:
@@ -477,14 +472,6 @@ class TlsBridge(RoutingMixin):
             if isinstance(item.get("conn"), dict):
                 self._remember(item["conn"], item.get("tls"), item.get("keys") or ())
         return True
-
-
-def _parse_entry(d: dict[str, Any],
-                 known_local: dict[str, CertInfo] | None = None) -> BridgeConnection:
-    conn, tls = d.get("conn"), d.get("tls")
-    if not isinstance(conn, dict) or not isinstance(tls, dict):
-        raise ValueError("entry lacks conn or tls")
-    return BridgeConnection(ConnRef.from_dict(conn), TlsFacts.from_dict(tls, known_local))
 
 
 def default_config_path(script_file: str) -> Path:

@@ -15,11 +15,19 @@ from urllib.parse import quote
 
 from tlsbridge.kemi.uri import SipUri, parse_uri
 from tlsbridge.shared import control as ctl
-from tlsbridge.shared.addr import default_sni, format_addr, is_ip, parse_addr, target_key
+from tlsbridge.shared.addr import (
+    TLS_DEFAULT_PORT,
+    default_sni,
+    format_addr,
+    is_ip,
+    is_plain_target,
+    parse_addr,
+    target_key,
+)
 from tlsbridge.shared.settings import Trunk
 
 if TYPE_CHECKING:
-    from tlsbridge.kemi.bridge import BridgeConnection
+    from tlsbridge.kemi.connection import BridgeConnection
     from tlsbridge.shared.client import ControlClient
 
 # Marks a destination rewritten to a hairpin (`tlsb=ok`): dst URI parameters never reach the wire.
@@ -153,9 +161,9 @@ class RoutingMixin:
             return RELAY
         sni = uri.params.get("tlsb_sni") or default_sni(uri.host)
         profile = uri.params.get("tlsb_profile") or "default"
-        port = uri.port or 5061
+        port = uri.port or TLS_DEFAULT_PORT
         key = target_key(uri.host, port, sni, profile)
-        peer = self._known_peer(key, uri, plain=profile == "default" and sni in (None, uri.host))
+        peer = self._known_peer(key, uri, plain=is_plain_target(uri.host, sni, profile))
         if peer is not None:
             self._over_hairpin(peer)
             return RELAY

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-TLS_DEFAULT_PORT = 5061
+from tlsbridge.shared.addr import TLS_DEFAULT_PORT
+
+__all__ = ["TLS_DEFAULT_PORT", "SipUri", "parse_uri"]
 
 
 @dataclass(frozen=True, slots=True)

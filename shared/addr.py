@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
+TLS_DEFAULT_PORT = 5061  # SIP over TLS (RFC 3261), where a target or listener names no port
+
 
 def format_addr(host: str, port: int) -> str:
     """`192.0.2.1:5061`, `[2001:db8::1]:5061`."""
@@ -53,3 +55,10 @@ def target_key(host: str, port: int, sni: str | None, profile: str) -> str:
 def default_sni(host: str) -> str | None:
     """RFC 5922: the name sent (and checked) is the SIP domain; an IP address sends none."""
     return None if is_ip(host) else host
+
+
+def is_plain_target(host: str, sni: str | None, profile: str) -> bool:
+    """An outbound target that asks for no identity beyond its address (the default client
+    profile, no SNI other than the host): any TLS connection with that peer will do, also one
+    it opened to us."""
+    return profile == "default" and sni in (None, host)

@@ -16,10 +16,25 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Mapping
 from typing import Any
 
 _ID = struct.Struct("!I")
 MAX_DATAGRAM = 256 * 1024
+
+
+def encode_json_entry(conn: Mapping[str, Any], tls: Mapping[str, Any] | None) -> bytes:
+    """The JSON entry of one connection, as the daemon answers a look-up and the KEMI module
+    stores it in htable: `{"conn": ConnRef.to_dict(), "tls": TlsFacts.to_dict()}`."""
+    return json.dumps({"conn": conn, "tls": tls}, separators=(",", ":")).encode()
+
+
+def decode_json_entry(raw: bytes | str) -> dict[str, Any]:
+    """The entry's map; ValueError if it is not one."""
+    entry = json.loads(raw)
+    if not isinstance(entry, dict):
+        raise ValueError(f"a facts entry is a JSON object, not {type(entry).__name__}")
+    return entry
 
 
 class LookupUnavailable(Exception):
@@ -84,7 +99,7 @@ class LookupClient:
             except (BlockingIOError, ValueError):
                 continue
             if got == rid:  # an older, timed-out request's answer is skipped
-                return None if entry is None else json.loads(entry)
+                return None if entry is None else decode_json_entry(entry)
 
     def close(self) -> None:
         if self._sock is not None and self._pid == os.getpid():
