@@ -1,4 +1,5 @@
-"""Prometheus metrics (off by default; loopback when on), read from the hub at scrape time.
+"""Prometheus metrics (off by default; loopback when on), read from the server or the supervisor
+at scrape time.
 
 prometheus_client serves from its own thread; the snapshot is taken on the event loop so the
 scrape never races the counters it reads.

@@ -1,41 +1,57 @@
-"""One TLS connection joined to its hairpin: handshake, hairpin, byte pump, close.
+"""One TLS connection joined to its hairpin: the I/O around the sans-IO relay core.
 
-A relay is the TLS side's asyncio protocol; `_HairpinSide` forwards the hairpin's callbacks to
-it. Bytes are never dropped: what the peer sent before the hairpin is up waits in `_pending`
-(reading paused beyond `max_buffer`), and every close publishes one `conn.closed`.
-`InboundRelay` serves a listener; `OutboundRelay` (outbound.py) originates TLS.
+`Relay` is the TLS side's asyncio protocol and `_HairpinSide` the hairpin's; both feed what
+happens into `RelayCore` (relaycore.py), which decides, and carry out the actions it returns.
+The byte pump asks the core one question per chunk (`from_peer` / `from_hairpin`) and writes
+when told `FORWARD`. `InboundRelay` serves a listener; `OutboundRelay` (outbound.py)
+originates TLS. A relay reaches the rest of the worker only through the connection table and
+the facts publisher it is given (plus the admission gate or the connector).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import errno
+import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from tlsbridge.daemon.engines.base import TlsEngine, TlsError
+from tlsbridge.daemon.relaycore import (
+    FORWARD,
+    PAUSED_BY_ADMISSION,
+    Abort,
+    Actions,
+    Close,
+    ConnectHairpin,
+    Failure,
+    HalfClose,
+    PauseReading,
+    Ready,
+    RelayCore,
+    ResumeReading,
+    SendToHairpin,
+    Side,
+    State,
+)
 from tlsbridge.shared import events as ev
+from tlsbridge.shared import reasons as r
 from tlsbridge.shared.addr import format_addr
 from tlsbridge.shared.events import ConnRef
 from tlsbridge.shared.facts import TlsFacts
 from tlsbridge.shared.proxy import encode_v1, encode_v2
 
 if TYPE_CHECKING:
+    from tlsbridge.daemon.admission import Gate
     from tlsbridge.daemon.config import Config, Listener
-    from tlsbridge.daemon.hub import Hub
+    from tlsbridge.daemon.publisher import FactsPublisher
+    from tlsbridge.daemon.table import ConnectionTable
 
+__all__ = ["InboundRelay", "Relay", "State"]
 
-_NOT_PAUSED: frozenset[str] = frozenset()  # one for every relay that reads
-
-
-class State(enum.Enum):
-    HANDSHAKE = "handshake"
-    CONNECTING = "connecting"
-    OPEN = "open"
-    CLOSED = "closed"
+log = logging.getLogger("tlsbridge")
 
 
 class _HairpinSide(asyncio.Protocol):
@@ -48,53 +64,62 @@ class _HairpinSide(asyncio.Protocol):
         self.relay.from_hairpin(data)
 
     def eof_received(self) -> bool:
-        self.relay.hairpin_eof()
+        relay = self.relay
+        relay.do(relay.core.hairpin_eof())
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.relay.hairpin_lost(exc)
+        relay = self.relay
+        relay.do(relay.core.hairpin_lost(exc is not None))
 
     def pause_writing(self) -> None:
-        self.relay.pause_tls_reading("hairpin")
+        relay = self.relay
+        relay.do(relay.core.hairpin_write_paused())
 
     def resume_writing(self) -> None:
-        self.relay.resume_tls_reading("hairpin")
+        relay = self.relay
+        relay.do(relay.core.hairpin_write_resumed())
 
 
 class Relay(asyncio.Protocol):
     direction = "in"
 
-    def __init__(
-        self,
-        hub: Hub,
-        config: Config,
-        listener: Listener | None,
-        engine_factory: Callable[[], TlsEngine],
-    ) -> None:
-        self.hub = hub
+    def __init__(self, table: ConnectionTable, publisher: FactsPublisher, config: Config,
+                 listener: Listener | None, engine_factory: Callable[[], TlsEngine]) -> None:
+        self.table = table
+        self.publisher = publisher
         self.config = config
         self.listener = listener
         self._engine_factory = engine_factory
-        self.state = State.HANDSHAKE
-        self.id = hub.next_id()
+        self.core = RelayCore(config.max_buffer)
+        self.id = table.next_id()
         self.peer = ("", 0)
         self.hairpin_key: str | None = None
         self.facts: TlsFacts | None = None
-        self.bytes_in = 0
-        self.bytes_out = 0
         self.started = 0.0
+        self.handshake_limit = config.handshake_timeout
         self._tls: asyncio.Transport | None = None
         self._hairpin: asyncio.Transport | None = None
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-        self._paused_by = _NOT_PAUSED
-        self._tls_done = False
-        self._hairpin_done = False
         self._timer: asyncio.TimerHandle | None = None
-        self._held: list[bytes | None] | None = None
         self._ref: ConnRef | None = None
         self._loop = asyncio.get_running_loop()
         self._connecting: socket.socket | None = None
+        self._wrapping: asyncio.Task[None] | None = None
+        # What the peer sent while its admission is asked for (inbound; a FIN is None). Here,
+        # not in InboundRelay: an override of data_received would cost a call per chunk.
+        self._held: list[bytes | None] | None = None
+
+    @property
+    def state(self) -> State:
+        return self.core.state
+
+    @property
+    def bytes_in(self) -> int:
+        return self.core.bytes_in
+
+    @property
+    def bytes_out(self) -> int:
+        return self.core.bytes_out
 
     # -- the reference events and look-ups carry -------------------------------------------
 
@@ -120,34 +145,30 @@ class Relay(asyncio.Protocol):
         self.started = loop.time()
         peername = transport.get_extra_info("peername")
         if peername is None:  # reset before we saw it: nothing was read, nobody to tell
-            self.state = State.CLOSED
-            self.hub.counters["reset_before_accept"] += 1
+            self.core.close(r.PEER_RESET)  # its Close is not carried out: there is no one
+            self.table.counters["reset_before_accept"] += 1
             transport.abort()
             return
         self.peer = peername[:2]
         transport.set_write_buffer_limits(high=self.config.max_buffer)
-        refusal = self._admit()
-        if refusal is not None:
-            self._refuse(refusal)
+        if not self._admitted():
             return
         try:
             self.engine = self._engine_factory()
         except Exception as exc:  # a broken profile must not take the listener down
-            self.hub.log.error("conn %d: cannot create TLS engine: %s", self.id, exc)
-            self.state = State.CLOSED
-            if self.direction == "in":
-                self.hub.release(self.peer[0])
-            self.hub.publish(ev.CONN_CLOSED, self.ref, reason="engine_failed", detail=str(exc),
-                             bytes_in=0, bytes_out=0, duration=0.0)
+            log.error("conn %d: cannot create TLS engine: %s", self.id, exc)
+            self.core.close(r.ENGINE_FAILED)  # never registered: published here, not torn down
+            self._released()
+            self.publisher.publish(ev.CONN_CLOSED, self.ref, reason=r.ENGINE_FAILED,
+                                   detail=str(exc), bytes_in=0, bytes_out=0, duration=0.0)
             transport.abort()
             return
-        self._timer = loop.call_later(self._handshake_limit(), self._handshake_timeout)
-        self.hub.register(self)
-        if self.direction == "out":  # a client speaks first; a server waits for its hello
-            self._pump_tls()
+        self._timer = loop.call_later(self.handshake_limit, self._handshake_timeout)
+        self.table.register(self)
+        self._tls_started()
 
     def data_received(self, data: bytes) -> None:
-        if self.state is State.CLOSED:
+        if self.core.state is State.CLOSED:
             return
         if self._held is not None:  # not admitted yet: keep it, do not touch it
             self._held.append(data)
@@ -159,54 +180,54 @@ class Relay(asyncio.Protocol):
         if self._held is not None:
             self._held.append(None)  # in its place, after the data held before it
             return True
-        if self.state is not State.CLOSED:
+        if self.core.state is not State.CLOSED:
             self.engine.receive_eof()
             self._pump_tls()
         return True  # keep our sending half: Kamailio may still answer
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.state is State.CONNECTING:
-            # Deliver what the peer sent once the hairpin is up, then close (see _hairpin_up).
-            self._tls_done = True
-            self._tls = None
-            return
-        if self.state is State.HANDSHAKE:
-            self._tls = None
-            self._handshake_failed("eof_in_handshake", "peer closed during the handshake")
-        elif self.state is not State.CLOSED:
-            self._close("peer_reset" if exc else "peer_closed")
+        core = self.core
+        if core.state is State.HANDSHAKE or core.state is State.CONNECTING:
+            self._tls = None  # nothing more can be written to it
+        self.do(core.peer_lost(exc is not None))
 
     def pause_writing(self) -> None:
-        if self._hairpin is not None:
-            self._hairpin.pause_reading()
+        self.do(self.core.peer_write_paused())
 
     def resume_writing(self) -> None:
-        if self._hairpin is not None and self.state is State.OPEN:
-            self._hairpin.resume_reading()
+        self.do(self.core.peer_write_resumed())
 
     def _pump_tls(self) -> None:
+        engine = self.engine
+        core = self.core
         try:
-            if not self.engine.handshake_done:
-                done = self.engine.handshake()
+            if not engine.handshake_done:
+                done = engine.handshake()
                 self._flush_tls()
                 if not done:
                     return
                 self._handshake_complete()
-                if self.state is State.CLOSED:
+                if core.state is State.CLOSED:
                     return
-            data = self.engine.read()
+            data = engine.read()
             if data:
-                self._to_hairpin(data)
-            if self.engine.peer_closed and not self._tls_done:
-                self._tls_ended()
+                actions = core.from_peer(data)
+                if actions is FORWARD:
+                    self._hairpin.write(data)  # type: ignore[union-attr]  # OPEN: it is up
+                elif actions:
+                    self.do(actions)
+            if engine.peer_closed and not core.peer_done:
+                self.do(core.peer_eof())
         except TlsError as exc:
             self._flush_tls()
-            if self.engine.handshake_done:
-                self._close(exc.reason, detail=exc.detail)
+            if engine.handshake_done:
+                self.do(core.close(exc.reason, exc.detail))
             else:
-                self._handshake_failed(exc.reason, exc.detail)
+                self.do(core.handshake_failed(exc.reason, exc.detail))
             return
-        self._flush_tls()
+        out = engine.outgoing()
+        if out and self._tls is not None:
+            self._tls.write(out)
 
     def _flush_tls(self) -> None:
         out = self.engine.outgoing()
@@ -214,24 +235,48 @@ class Relay(asyncio.Protocol):
             self._tls.write(out)
 
     def _handshake_timeout(self) -> None:
-        if self.state is State.HANDSHAKE:
-            self._handshake_failed("handshake_timeout", f"{self.config.handshake_timeout:g} s")
-
-    def _handshake_failed(self, reason: str, detail: str) -> None:
-        self.hub.publish(ev.TLS_FAILED, self.ref, reason=reason, detail=detail)
-        self._close(reason, detail=detail)
+        self.do(self.core.handshake_timed_out(f"{self.config.handshake_timeout:g} s"))
 
     def _handshake_complete(self) -> None:
         if self._timer:
             self._timer.cancel()
         self.facts = self.engine.facts()
+        self.do(self.core.handshake_done())
+
+    # -- hairpin side -----------------------------------------------------------------------
+
+    def from_hairpin(self, data: bytes) -> None:
+        if self.core.from_hairpin(data) is not FORWARD:
+            return
+        engine = self.engine
+        try:
+            engine.write(data)
+        except TlsError as exc:
+            self.do(self.core.close(exc.reason, exc.detail))
+            return
+        out = engine.outgoing()
+        if out and self._tls is not None:
+            self._tls.write(out)
+
+    def _open_hairpin(self) -> None:
         try:
             sock = self._hairpin_socket()
         except OSError as exc:
-            self._hairpin_failed(f"cannot bind hairpin source: {_os_reason(exc)}")
+            self.do(self.core.hairpin_failed(f"cannot bind hairpin source: {_os_reason(exc)}"))
             return
-        self.state = State.CONNECTING
-        self._connect_hairpin(sock)
+        # A non-blocking connect watched by the loop, not loop.sock_connect(): uvloop resolves
+        # its address in a thread pool, a thread hand-off per connection.
+        hp = self.config.hairpin
+        err = sock.connect_ex((hp.host, hp.port))
+        if err == 0:
+            self._hairpin_connected(sock)
+        elif err == errno.EINPROGRESS:
+            self._connecting = sock
+            self._loop.add_writer(sock.fileno(), self._hairpin_connect_done, sock)
+            self._timer = self._loop.call_later(hp.connect_timeout, self._hairpin_connect_done,
+                                                sock, "timeout")
+        else:
+            self._hairpin_connect_failed(sock, os.strerror(err))
 
     def _hairpin_socket(self) -> socket.socket:
         hp = self.config.hairpin
@@ -249,63 +294,6 @@ class Relay(asyncio.Protocol):
             raise
         return sock
 
-    def _announce(self, sock: socket.socket) -> None:
-        """The hairpin's local address is the correlation key Kamailio sees as
-        $tcp(c_si):$tcp(c_sp): publish the facts under it before the PROXY header, i.e. before
-        Kamailio (tcp_defer_accept) can see a single message of this connection."""
-        host, port = sock.getsockname()[:2]
-        self.hairpin_key = format_addr(host, port)
-        self.hub.index_hairpin(self, port)
-        self.hub.publish(ev.TLS_ESTABLISHED, self.ref, tls=self.facts)
-
-    def _handshake_limit(self) -> float:
-        return self.config.handshake_timeout
-
-    def _admit(self) -> str | None:
-        """Why this connection is refused, or None."""
-        return None
-
-    def _refuse(self, reason: str) -> None:
-        """Closed at once, before any TLS: one tls.failed, no conn.closed (never admitted)."""
-        self.state = State.CLOSED
-        if self._timer:
-            self._timer.cancel()
-        self.hub.unregister(self)
-        self.hub.publish(ev.TLS_FAILED, self.ref, reason=reason,
-                         detail=f"limit reached; refused {self.peer[0]}")
-        if self._tls is not None:
-            self._tls.abort()
-
-    def _proxy_dst(self) -> tuple[str, int]:
-        """The PROXY header's destination: where the TLS peer reached us."""
-        raise NotImplementedError
-
-    def _on_hairpin_ready(self) -> None:
-        """The hairpin is up and what was pending has been written."""
-
-    def _proxy_header(self) -> bytes:
-        dst = self._proxy_dst()
-        if self.config.hairpin.proxy_protocol == 2:
-            return encode_v2(self.peer, dst)
-        return encode_v1(self.peer, dst)
-
-    # -- hairpin side -----------------------------------------------------------------------
-
-    def _connect_hairpin(self, sock: socket.socket) -> None:
-        # A non-blocking connect watched by the loop, not loop.sock_connect(): uvloop resolves
-        # its address in a thread pool, a thread hand-off per connection.
-        hp = self.config.hairpin
-        err = sock.connect_ex((hp.host, hp.port))
-        if err == 0:
-            self._hairpin_connected(sock)
-        elif err == errno.EINPROGRESS:
-            self._connecting = sock
-            self._loop.add_writer(sock.fileno(), self._hairpin_connect_done, sock)
-            self._timer = self._loop.call_later(hp.connect_timeout, self._hairpin_connect_done,
-                                                sock, "timeout")
-        else:
-            self._hairpin_connect_failed(sock, os.strerror(err))
-
     def _hairpin_connect_done(self, sock: socket.socket, why: str = "") -> None:
         self._connecting = None
         self._loop.remove_writer(sock.fileno())
@@ -322,12 +310,11 @@ class Relay(asyncio.Protocol):
 
     def _hairpin_connect_failed(self, sock: socket.socket, why: str) -> None:
         sock.close()
-        if self.state is not State.CLOSED:
-            hp = self.config.hairpin
-            self._hairpin_failed(f"{format_addr(hp.host, hp.port)}: {why}")
+        hp = self.config.hairpin
+        self.do(self.core.hairpin_failed(f"{format_addr(hp.host, hp.port)}: {why}"))
 
     def _hairpin_connected(self, sock: socket.socket) -> None:
-        if self.state is State.CLOSED:  # killed meanwhile
+        if self.core.state is State.CLOSED:  # killed meanwhile
             sock.close()
             return
         try:
@@ -336,7 +323,36 @@ class Relay(asyncio.Protocol):
         except OSError as exc:
             self._hairpin_connect_failed(sock, _os_reason(exc))
             return
-        self._loop.create_task(self._wrap_hairpin(sock))
+        self._wrapping = self._loop.create_task(self._wrap_hairpin(sock))
+
+    def _announce(self, sock: socket.socket) -> None:
+        """The hairpin's local address is the correlation key Kamailio sees as
+        $tcp(c_si):$tcp(c_sp): publish the facts under it before the PROXY header, i.e. before
+        Kamailio (tcp_defer_accept) can see a single message of this connection."""
+        host, port = sock.getsockname()[:2]
+        self.hairpin_key = format_addr(host, port)
+        self.table.index_hairpin(self)
+        assert self.facts is not None
+        self.publisher.map_facts(self.ref, self.facts, port)
+        self.publisher.publish(ev.TLS_ESTABLISHED, self.ref, tls=self.facts)
+
+    def _send_header(self, sock: socket.socket) -> None:
+        """The PROXY header, with what the peer has sent so far, in one segment: Kamailio
+        needs the whole header in its first read, and each segment on the hairpin costs it
+        (and us) a wake-up."""
+        header = self._proxy_header()
+        data = self.core.first_segment(header)
+        sent = sock.send(data)
+        if sent < len(header):
+            raise OSError("short write of the PROXY header")
+        if sent < len(data):
+            self.core.unsent(data[sent:])
+
+    def _proxy_header(self) -> bytes:
+        dst = self._proxy_dst()
+        if self.config.hairpin.proxy_protocol == 2:
+            return encode_v2(self.peer, dst)
+        return encode_v1(self.peer, dst)
 
     async def _wrap_hairpin(self, sock: socket.socket) -> None:
         try:
@@ -345,109 +361,49 @@ class Relay(asyncio.Protocol):
         except OSError as exc:
             self._hairpin_connect_failed(sock, _os_reason(exc))
             return
-        self._hairpin_up(transport)
-
-    def _send_header(self, sock: socket.socket) -> None:
-        """The PROXY header, with what the peer has sent so far, in one segment: Kamailio
-        needs the whole header in its first read, and each segment on the hairpin costs it
-        (and us) a wake-up."""
-        header = self._proxy_header()
-        data = b"".join((header, *self._pending))
-        sent = sock.send(data)
-        if sent < len(header):
-            raise OSError("short write of the PROXY header")
-        self._pending = [data[sent:]] if sent < len(data) else []
-        self._pending_size = len(data) - sent
-
-    def _hairpin_up(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        if self.state is State.CLOSED:
-            transport.abort()
-            return
         self._hairpin = transport
         transport.set_write_buffer_limits(high=self.config.max_buffer)
-        self.state = State.OPEN
-        if self._pending:
-            transport.write(b"".join(self._pending))
-            self._pending.clear()
-            self._pending_size = 0
-            self.resume_tls_reading("pending")
-        if self._tls is None:  # the peer left while we were connecting
-            self._close("peer_closed")
-        elif self._tls_done:
-            self._tls_ended()
-        if self.state is State.OPEN:
-            self._on_hairpin_ready()
+        self.do(self.core.hairpin_up())
 
-    def _hairpin_failed(self, detail: str) -> None:
-        self.hub.publish(ev.HAIRPIN_FAILED, self.ref, reason="hairpin_failed", detail=detail)
-        self._close("hairpin_failed", detail=detail)
+    # -- carrying out what the core decided -------------------------------------------------
 
-    def _to_hairpin(self, data: bytes) -> None:
-        self.bytes_in += len(data)
-        if self._hairpin is not None:
-            self._hairpin.write(data)
-            return
-        self._pending.append(data)
-        self._pending_size += len(data)
-        if self._pending_size > self.config.max_buffer:
-            self.pause_tls_reading("pending")
+    def do(self, actions: Actions) -> None:
+        for action in actions:
+            kind = type(action)
+            if kind is Close:
+                self._teardown(cast(Close, action))
+            elif kind is SendToHairpin:
+                self._hairpin.write(cast(SendToHairpin, action).data)  # type: ignore[union-attr]
+            elif kind is HalfClose:
+                self._half_close(cast(HalfClose, action).side)
+            elif kind is PauseReading or kind is ResumeReading:
+                side = cast(PauseReading, action).side
+                transport = self._tls if side is Side.PEER else self._hairpin
+                if transport is not None:
+                    if kind is PauseReading:
+                        transport.pause_reading()
+                    else:
+                        transport.resume_reading()
+            elif kind is ConnectHairpin:
+                self._open_hairpin()
+            elif kind is Ready:
+                self._ready()
+            elif kind is Abort and self._hairpin is not None:
+                self._hairpin.abort()
 
-    def from_hairpin(self, data: bytes) -> None:
-        if self.state is State.CLOSED:
-            return
-        self.bytes_out += len(data)
-        try:
-            self.engine.write(data)
-        except TlsError as exc:
-            self._close(exc.reason, detail=exc.detail)
-            return
-        self._flush_tls()
-
-    def hairpin_eof(self) -> None:
-        if self.state is State.CLOSED:
-            return
-        self._hairpin_done = True
-        self.engine.close()
-        self._flush_tls()
-        if self._tls_done:
-            self._close("closed")
-
-    def hairpin_lost(self, exc: Exception | None) -> None:
-        if self.state is not State.CLOSED:
-            self._close("kamailio_reset" if exc else "kamailio_closed")
-
-    def _tls_ended(self) -> None:
-        self._tls_done = True
-        if self._hairpin is None:
-            return  # _hairpin_up passes the end on
-        if self._hairpin.can_write_eof():
+    def _half_close(self, side: Side) -> None:
+        if side is Side.PEER:
+            self.engine.close()
+            self._flush_tls()
+        elif self._hairpin is not None and self._hairpin.can_write_eof():
             self._hairpin.write_eof()
-        if self._hairpin_done:
-            self._close("closed")
 
-    # -- flow control -----------------------------------------------------------------------
+    def kill(self, reason: str = r.KILLED) -> None:
+        self.do(self.core.close(reason))
 
-    def pause_tls_reading(self, why: str) -> None:
-        if not self._paused_by and self._tls is not None:
-            self._tls.pause_reading()
-        self._paused_by |= {why}
-
-    def resume_tls_reading(self, why: str) -> None:
-        if why in self._paused_by:
-            self._paused_by -= {why}
-        if not self._paused_by and self._tls is not None and self.state is not State.CLOSED:
-            self._tls.resume_reading()
-
-    # -- the end ----------------------------------------------------------------------------
-
-    def kill(self, reason: str = "killed") -> None:
-        self._close(reason)
-
-    def _close(self, reason: str, *, detail: str = "") -> None:
-        if self.state is State.CLOSED:
-            return
-        self.state = State.CLOSED
+    def _teardown(self, close: Close) -> None:
+        self._closing(close)
         if self._timer:
             self._timer.cancel()
         if self._connecting is not None:  # killed while its hairpin was connecting
@@ -462,12 +418,36 @@ class Relay(asyncio.Protocol):
                 self._flush_tls()
             self._tls.close()
         duration = self._loop.time() - self.started
-        self.hub.unregister(self)
-        fields = {"reason": reason, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
-        if detail:
-            fields["detail"] = detail
+        self.table.unregister(self)
+        self.publisher.unmap(self.id)
+        fields: dict[str, Any] = {"reason": close.reason, "bytes_in": self.core.bytes_in,
+                                  "bytes_out": self.core.bytes_out}
+        if close.detail:
+            fields["detail"] = close.detail
         fields.update(self._closed_fields())
-        self.hub.publish(ev.CONN_CLOSED, self.ref, duration=round(duration, 6), **fields)
+        self.publisher.publish(ev.CONN_CLOSED, self.ref, duration=round(duration, 6), **fields)
+
+    # -- what inbound and outbound relays add -----------------------------------------------
+
+    def _admitted(self) -> bool:
+        """False: the connection was refused (and closed) before any TLS."""
+        return True
+
+    def _tls_started(self) -> None:
+        """The engine exists and the handshake timer runs."""
+
+    def _proxy_dst(self) -> tuple[str, int]:
+        """The PROXY header's destination: where the TLS peer reached us."""
+        raise NotImplementedError
+
+    def _ready(self) -> None:
+        """The hairpin is up and what was pending has been written."""
+
+    def _closing(self, close: Close) -> None:
+        """The relay is closing: before its sockets go and conn.closed is published."""
+
+    def _released(self) -> None:
+        """The relay ends without having been torn down (no engine)."""
 
     def _closed_fields(self) -> dict[str, object]:
         return {}
@@ -476,36 +456,68 @@ class Relay(asyncio.Protocol):
 class InboundRelay(Relay):
     """A TLS peer that reached one of our listeners."""
 
-    def _admit(self) -> str | None:
-        if self.hub.admits_remotely:
+    def __init__(self, table: ConnectionTable, publisher: FactsPublisher, gate: Gate,
+                 config: Config, listener: Listener,
+                 engine_factory: Callable[[], TlsEngine]) -> None:
+        super().__init__(table, publisher, config, listener, engine_factory)
+        self.gate = gate
+        self._admission: asyncio.Task[None] | None = None
+
+    def _admitted(self) -> bool:
+        gate = self.gate
+        if gate.remote:
             # Nothing is processed until the supervisor, which counts for all workers, says
             # yes. (uvloop starts reading after connection_made whatever it was told there.)
             self._held = []
-            loop = asyncio.get_running_loop()
-            loop.call_soon(self.pause_tls_reading, "admission")
-            self._admission = loop.create_task(self._admit_remotely())
-            return None
-        return self.hub.admit(self.peer[0])
+            self._loop.call_soon(self._pause_for_admission)
+            self._admission = self._loop.create_task(self._admit_remotely())
+            return True
+        refusal = gate.admit(self.peer[0])
+        if refusal is not None:
+            self._refuse(refusal)
+            return False
+        return True
+
+    def _pause_for_admission(self) -> None:
+        self.do(self.core.pause_peer(PAUSED_BY_ADMISSION))
 
     async def _admit_remotely(self) -> None:
-        refusal = await self.hub.admit_remotely(self.peer[0], self.id)
-        if self.state is State.CLOSED:
+        refusal = await self.gate.admit_remotely(self.peer[0], self.id)
+        if self.core.state is State.CLOSED:
             return
         if refusal is not None:
             self._refuse(refusal)
             return
         held, self._held = self._held or [], None
-        self.resume_tls_reading("admission")
+        self.do(self.core.resume_peer(PAUSED_BY_ADMISSION))
         for data in held:
             if data is None:  # the peer's FIN came meanwhile
                 self.eof_received()
             else:
                 self.data_received(data)
 
-    def _close(self, reason: str, *, detail: str = "") -> None:
-        if self.state is not State.CLOSED:
-            self.hub.release(self.peer[0])
-        super()._close(reason, detail=detail)
+    def _refuse(self, reason: str) -> None:
+        """Closed at once, before any TLS: one tls.failed, no conn.closed (never admitted)."""
+        self.core.close(reason)  # not torn down: nothing of it was published or opened
+        if self._timer:
+            self._timer.cancel()
+        self.table.unregister(self)
+        self.publisher.publish(ev.TLS_FAILED, self.ref, reason=reason,
+                               detail=f"limit reached; refused {self.peer[0]}")
+        if self._tls is not None:
+            self._tls.abort()
+
+    def _closing(self, close: Close) -> None:
+        if close.failure is Failure.TLS:
+            self.publisher.publish(ev.TLS_FAILED, self.ref, reason=close.reason,
+                                   detail=close.detail)
+        elif close.failure is Failure.HAIRPIN:
+            self.publisher.publish(ev.HAIRPIN_FAILED, self.ref, reason=close.reason,
+                                   detail=close.detail)
+        self.gate.release(self.peer[0])
+
+    def _released(self) -> None:
+        self.gate.release(self.peer[0])
 
     def _proxy_dst(self) -> tuple[str, int]:
         assert self.listener is not None

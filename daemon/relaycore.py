@@ -225,6 +225,7 @@ class RelayCore:
             actions.append(SendToHairpin(b"".join(self._pending)))
             self._pending = []
             self._pending_size = 0
+        if PAUSED_BY_PENDING in self._paused_by:
             actions += self.resume_peer(PAUSED_BY_PENDING)
         if self.peer_gone:
             actions += self.close(r.PEER_CLOSED)

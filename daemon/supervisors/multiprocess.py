@@ -6,7 +6,7 @@ workers' events with its own sequence numbers), the control endpoint (answered f
 connection table it builds from those events, or forwarded to the worker that owns the
 connection), and the workers' lives (restarted when one dies). The table keeps each
 connection's tls.established as the worker encoded it: the supervisor reads the note beside
-each event (supervisors/note.py) and decodes an event only for a subscriber or a question.
+each event (daemon/note.py) and decodes an event only for a subscriber or a question.
 """
 
 from __future__ import annotations
@@ -30,23 +30,18 @@ import zmq
 import zmq.asyncio
 
 from tlsbridge.daemon import reload as rl
-from tlsbridge.daemon.admission import Admission
+from tlsbridge.daemon.admission import Admission, effective_max_connections
 from tlsbridge.daemon.channels import ControlServer, EventSink, bind, unlink
 from tlsbridge.daemon.config import Config, ConfigError, load_config
-from tlsbridge.daemon.hub import (
-    count_event,
-    effective_max_connections,
-    facts_entry,
-    private_run_dir,
-    worker_control_endpoint,
-    worker_events_endpoint,
-)
 from tlsbridge.daemon.lookup_server import LookupServer
-from tlsbridge.daemon.supervisors.note import decode_note
+from tlsbridge.daemon.note import decode_note
+from tlsbridge.daemon.publisher import count_event
+from tlsbridge.daemon.rundir import private_run_dir, worker_control_endpoint, worker_events_endpoint
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
 from tlsbridge.shared import factsmap
 from tlsbridge.shared.events import EventEncoder
+from tlsbridge.shared.lookup import encode_json_entry
 from tlsbridge.shared.settings import lookup_socket_of
 
 log = logging.getLogger("tlsbridge")
@@ -357,7 +352,7 @@ class Supervisor:
     def lookup_entry(self, hairpin: str) -> Any:
         found = self._facts_of(self.by_hairpin.get(hairpin))
         if found is not None:
-            return facts_entry(*found)
+            return encode_json_entry(*found)
         return self._lookup_in_workers(hairpin)  # its event is still on the way
 
     def _facts_of(self, conn_id: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -376,7 +371,7 @@ class Supervisor:
             found = await self._dispatch(ctl.Request("lookup", 0, {"hairpin": hairpin}))
         except ctl.ControlError:
             return None
-        return facts_entry(found["conn"], found["tls"])
+        return encode_json_entry(found["conn"], found["tls"])
 
     def _lookup_local(self, args: dict[str, Any]) -> dict[str, Any] | None:
         conn_id = args.get("id")

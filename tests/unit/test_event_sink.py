@@ -12,7 +12,7 @@ import zmq
 
 from tlsbridge.daemon.channels import EventSink
 from tlsbridge.daemon.config import Config, load_config
-from tlsbridge.daemon.hub import Hub
+from tlsbridge.daemon.server import Server
 from tlsbridge.shared import events as ev
 from tlsbridge.shared.events import ConnRef
 
@@ -72,18 +72,19 @@ address = "127.0.0.1:5061"
     return load_config(tmp_path / "t.toml")
 
 
-def test_hub_publishes_only_what_is_subscribed(tmp_path: Path) -> None:
+def test_the_publisher_sends_only_what_is_subscribed(tmp_path: Path) -> None:
     config = _config(tmp_path)
 
     async def main() -> list[list[bytes]]:
-        hub = Hub(config)
-        hub.start()
+        server = Server(config)
+        server._start_parts({})
+        hub = server.publisher
         sub = zmq.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"conn.closed.out")
         sub.connect(config.events_endpoint)
         got: list[list[bytes]] = []
         try:
-            await until(lambda: hub._events is not None and hub._events.wants("conn.closed.out"))
+            await until(lambda: hub.sink is not None and hub.sink.wants("conn.closed.out"))
             for _ in range(3):
                 hub.publish(ev.CONN_CLOSED, IN, reason="closed")
                 hub.publish(ev.CONN_CLOSED, OUT, reason="closed", keys=[])
@@ -93,10 +94,10 @@ def test_hub_publishes_only_what_is_subscribed(tmp_path: Path) -> None:
                 got.append(sub.recv_multipart())
             assert not sub.poll(100)
             # Counters count every event, published or not.
-            assert hub.counters["events.conn.closed"] == 6
+            assert server.counters["events.conn.closed"] == 6
         finally:
             sub.close(linger=0)
-            await hub.close()
+            await server._close_parts()
         return got
 
     got = asyncio.run(main())
@@ -109,8 +110,8 @@ def test_a_new_subscriber_to_daemon_started_is_greeted(tmp_path: Path) -> None:
     config = _config(tmp_path)
 
     async def main() -> list[ev.Event]:
-        hub = Hub(config)
-        hub.start()
+        server = Server(config)
+        server._start_parts({})
         subs = []
         for prefix in (b"daemon.", b"outbound."):
             sub = zmq.Context.instance().socket(zmq.SUB)
@@ -126,7 +127,7 @@ def test_a_new_subscriber_to_daemon_started_is_greeted(tmp_path: Path) -> None:
         finally:
             for sub in subs:
                 sub.close(linger=0)
-            await hub.close()
+            await server._close_parts()
 
     [event] = asyncio.run(main())
     assert event.type == ev.DAEMON_STARTED and event.fields["pid"] == os.getpid()

@@ -3,6 +3,7 @@ workers' events, and decodes an event only for a subscriber or a question about 
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
@@ -10,9 +11,9 @@ import msgpack
 import pytest
 
 from tests.unit.test_event_sink import _config
-from tlsbridge.daemon.hub import Hub
+from tlsbridge.daemon.note import decode_note, encode_note
+from tlsbridge.daemon.publisher import FactsPublisher
 from tlsbridge.daemon.supervisors.multiprocess import Supervisor
-from tlsbridge.daemon.supervisors.note import decode_note, encode_note
 from tlsbridge.shared import events as ev
 from tlsbridge.shared.events import ConnRef
 from tlsbridge.shared.facts import TlsFacts
@@ -40,11 +41,15 @@ class Recorder:
         self.sent.append(list(frames))
 
 
+Worker = tuple[FactsPublisher, Recorder]
+
+
 @pytest.fixture
-def worker(tmp_path: Path) -> tuple[Hub, Recorder]:
-    hub = Hub(_config(tmp_path), worker=(0, 2))
-    hub._events = Recorder()  # type: ignore[assignment]
-    return hub, hub._events  # type: ignore[return-value]
+def worker(tmp_path: Path) -> Worker:
+    sink = Recorder()
+    publisher = FactsPublisher("w0", collections.Counter(), sink=sink,  # type: ignore[arg-type]
+                               noted=True)
+    return publisher, sink
 
 
 @pytest.fixture
@@ -55,7 +60,7 @@ def sup(tmp_path: Path) -> Supervisor:
     return supervisor
 
 
-def test_a_worker_notes_each_event_about_a_connection(worker: tuple[Hub, Recorder]) -> None:
+def test_a_worker_notes_each_event_about_a_connection(worker: Worker) -> None:
     hub, sink = worker
     hub.publish(ev.CONN_CLOSED, IN, reason="peer_closed", bytes_in=10, bytes_out=20)
     hub.publish(ev.CERT_EXPIRING, None, profile="default", days=3.0)
@@ -72,7 +77,7 @@ def test_a_note_that_is_not_one_is_refused(junk: bytes) -> None:
     assert decode_note(encode_note(OUT, {})) == (5, "127.0.0.1:41002", None, 0, 0)
 
 
-def test_books_kept_from_the_notes(worker: tuple[Hub, Recorder], sup: Supervisor) -> None:
+def test_books_kept_from_the_notes(worker: Worker, sup: Supervisor) -> None:
     hub, sink = worker
     assert sup._admit("198.51.100.7", IN.id) is None
     hub.publish(ev.TLS_ESTABLISHED, IN, tls=FACTS)
@@ -111,7 +116,7 @@ def test_books_kept_from_the_notes(worker: tuple[Hub, Recorder], sup: Supervisor
 
 
 def test_a_worker_event_that_is_not_one_loses_nothing_else(
-    worker: tuple[Hub, Recorder], sup: Supervisor, caplog: pytest.LogCaptureFixture,
+    worker: Worker, sup: Supervisor, caplog: pytest.LogCaptureFixture,
 ) -> None:
     hub, sink = worker
     hub.publish(ev.TLS_ESTABLISHED, IN, tls=FACTS)
