@@ -11,8 +11,8 @@ Prints ns per chunk (best of 5) and Python calls per chunk (cProfile) for each d
 from __future__ import annotations
 
 import asyncio
-import cProfile
 import collections
+import cProfile
 import inspect
 import pstats
 import sys

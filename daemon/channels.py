@@ -170,6 +170,7 @@ class ControlServer:
         self.sock = sock
         self.handler = handler
         self._task: asyncio.Task[None] | None = None
+        self._answering: set[asyncio.Task[None]] = set()  # the requests being answered
         self._asked: dict[int, asyncio.Future[bytes]] = {}
         self._rids = itertools.count(1)
 
@@ -204,7 +205,9 @@ class ControlServer:
                 if not asked.done():
                     asked.set_result(body)
                 continue
-            asyncio.get_running_loop().create_task(self._answer(envelope, body))
+            task = asyncio.get_running_loop().create_task(self._answer(envelope, body))
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
 
     async def ask(self, op: str, timeout: float, **args: Any) -> dict[str, Any]:
         """A request the other way (a worker asking its supervisor over the same DEALER)."""

@@ -13,7 +13,7 @@ import pytest
 from tests.unit.test_event_sink import _config
 from tlsbridge.daemon.note import decode_note, encode_note
 from tlsbridge.daemon.publisher import FactsPublisher
-from tlsbridge.daemon.supervisors.multiprocess import Supervisor
+from tlsbridge.daemon.supervisors.broker import Broker
 from tlsbridge.shared import events as ev
 from tlsbridge.shared.events import ConnRef
 from tlsbridge.shared.facts import TlsFacts
@@ -53,8 +53,8 @@ def worker(tmp_path: Path) -> Worker:
 
 
 @pytest.fixture
-def sup(tmp_path: Path) -> Supervisor:
-    supervisor = Supervisor(_config(tmp_path), 2)
+def sup(tmp_path: Path) -> Broker:
+    supervisor = Broker(_config(tmp_path), 2)
     supervisor.admits = True
     supervisor._events = Recorder(("conn.closed.out", "tls.failed"))  # type: ignore[assignment]
     return supervisor
@@ -77,7 +77,7 @@ def test_a_note_that_is_not_one_is_refused(junk: bytes) -> None:
     assert decode_note(encode_note(OUT, {})) == (5, "127.0.0.1:41002", None, 0, 0)
 
 
-def test_books_kept_from_the_notes(worker: Worker, sup: Supervisor) -> None:
+def test_books_kept_from_the_notes(worker: Worker, sup: Broker) -> None:
     hub, sink = worker
     assert sup._admit("198.51.100.7", IN.id) is None
     hub.publish(ev.TLS_ESTABLISHED, IN, tls=FACTS)
@@ -116,7 +116,7 @@ def test_books_kept_from_the_notes(worker: Worker, sup: Supervisor) -> None:
 
 
 def test_a_worker_event_that_is_not_one_loses_nothing_else(
-    worker: Worker, sup: Supervisor, caplog: pytest.LogCaptureFixture,
+    worker: Worker, sup: Broker, caplog: pytest.LogCaptureFixture,
 ) -> None:
     hub, sink = worker
     hub.publish(ev.TLS_ESTABLISHED, IN, tls=FACTS)
