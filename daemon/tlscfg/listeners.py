@@ -11,8 +11,7 @@ from tlsbridge.daemon.engines.registry import FIXED_BEFORE_SNI
 from tlsbridge.daemon.tlscfg.document import Listener, Table
 from tlsbridge.daemon.tlscfg.errors import TlsCfgError
 from tlsbridge.daemon.tlscfg.findings import Findings
-from tlsbridge.daemon.tlscfg.model import Section, TlsCfg
-from tlsbridge.daemon.tlscfg.profiles import DOMAIN_AND_SUBDOMAINS, SUBDOMAINS
+from tlsbridge.daemon.tlscfg.model import DOMAIN_AND_SUBDOMAINS, SUBDOMAINS, Section, TlsCfg
 from tlsbridge.daemon.tlscfg.site import Site, placeholder
 from tlsbridge.shared.addr import format_addr, parse_addr
 

@@ -13,10 +13,13 @@ from typing import Any, Literal
 
 from tlsbridge.shared.addr import format_addr
 
-__all__ = ["Kind", "Role", "Section", "Setting", "TlsCfg"]
+__all__ = ["DOMAIN_AND_SUBDOMAINS", "SUBDOMAINS", "Kind", "Role", "Section", "Setting", "TlsCfg"]
 
 Role = Literal["server", "client"]
 Kind = Literal["default", "any", "address"]
+# server_name_mode: the name and its subdomains, or the subdomains only; any other value
+# (0 included) the name only.
+DOMAIN_AND_SUBDOMAINS, SUBDOMAINS = 1, 2
 
 
 @dataclass(frozen=True, slots=True)

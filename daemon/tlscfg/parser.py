@@ -20,7 +20,7 @@ from tlsbridge.daemon.tlscfg.errors import TlsCfgError
 from tlsbridge.daemon.tlscfg.lexer import Lexer, Token
 from tlsbridge.daemon.tlscfg.model import Kind, Role, Section, Setting, TlsCfg
 
-__all__ = ["check", "parse_tls_cfg", "read_tls_cfg"]
+__all__ = ["parse_tls_cfg", "read_tls_cfg"]
 
 _BOOL, _INT, _STR, _METHOD, _VERIFY = "boolean", "integer", "string", "method", "verify_client"
 
@@ -243,7 +243,7 @@ class _Parser:
         raise self.lex.error(f"invalid IPv6 address [{text}...]", open_tok)
 
 
-def check(cfg: TlsCfg) -> None:
+def _check(cfg: TlsCfg) -> None:
     """Refuse what Kamailio refuses after reading: two default profiles, an `any` profile
     without server_name, two profiles for one address unless both have a server_name."""
     seen: dict[tuple[str, Kind], Section] = {}
@@ -272,7 +272,7 @@ def check(cfg: TlsCfg) -> None:
 def parse_tls_cfg(text: str, *, source: str = "tls.cfg") -> TlsCfg:
     """Read tls.cfg text; raises TlsCfgError naming `source`, line and column."""
     cfg = _Parser(text, source).parse()
-    check(cfg)
+    _check(cfg)
     return cfg
 
 
@@ -297,5 +297,5 @@ def read_tls_cfg(path: str | os.PathLike[str]) -> TlsCfg:
                     "directory order, which is not defined; they were converted in name order, "
                     "which decides between profiles whose server_name overlap",)
     cfg = TlsCfg(str(path), tuple(s for part in parts for s in part.sections), warnings)
-    check(cfg)
+    _check(cfg)
     return cfg

@@ -10,9 +10,9 @@ from typing import Any, Literal
 
 from tlsbridge.daemon.tlscfg.document import Entry, Table
 from tlsbridge.daemon.tlscfg.findings import Findings
-from tlsbridge.daemon.tlscfg.model import Section
+from tlsbridge.daemon.tlscfg.model import DOMAIN_AND_SUBDOMAINS, SUBDOMAINS, Section
 
-__all__ = ["DOMAIN_AND_SUBDOMAINS", "SUBDOMAINS", "Profiles"]
+__all__ = ["Profiles"]
 
 # Kamailio's built-in defaults for what a profile leaves out (srv_defaults and cli_defaults in
 # tls_mod.c): with a tls.cfg, profiles inherit from these, never from [server:default] and never
@@ -35,7 +35,6 @@ _OLD_METHODS = {
     "TLSv1.1": "TLS 1.1 only",
     "TLSv1.1+": "TLS 1.1 and later",
 }
-SUBDOMAINS, DOMAIN_AND_SUBDOMAINS = 2, 1  # server_name_mode; anything else: the name only
 _HSM_PREFIXES = ("/engine:", "/uri:")  # private keys in an HSM (tls_openssl.h)
 _VERIFY_KEYS = ("verify_certificate", "require_certificate", "verify_client")
 
@@ -70,11 +69,13 @@ class Profiles:
         return ", ".join(f"{sec.settings[k].spelling} = {sec.settings[k].text}"
                          for k in keys if k in sec.settings)
 
-    def _path(self, table: _Draft, key: str) -> str | None:
+    def _path(self, table: _Draft, key: str) -> None:
+        """Write the path of `key` as the section gives it, warning about what tlsbridge
+        reads differently and about a file that is not there."""
         sec = table.section
         value = sec.get(key)
         if value is None:
-            return None
+            return
         if key == "private_key" and value.startswith(_HSM_PREFIXES):
             self.warn(sec, key, f"{value!r} is a key in an HSM (engine or provider URI); "
                       "tlsbridge reads private keys from PEM files only: export it or point "
@@ -88,7 +89,6 @@ class Profiles:
             self.relative_paths = True
         self._exists(sec, key, value)
         table.set(key, value)
-        return value
 
     def _exists(self, sec: Section, key: str, value: str) -> None:
         base = Path(sec.source).parent if Path(sec.source).is_file() else None
