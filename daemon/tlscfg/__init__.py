@@ -3,13 +3,15 @@
 An offline migration tool, in layers that each take the one before's output:
 
 - `lexer`: Kamailio's tokenizer (core/cfg_parser.c);
-- `parser`: the sections and keys of modules/tls/tls_config.c, to the frozen `model`;
-- `converter` (with `profiles`, `listeners` and `findings`): the model to a `document` of
-  tlsbridge tables, following how Kamailio chooses a profile (tls_domain.c), with a warning for
-  everything tlsbridge cannot do the same way and the engine each listener needs;
+- `parser`: the sections and keys of modules/tls/tls_config.c, read into the frozen `model`;
+- `converter`: the model to a frozen `document` of tlsbridge tables, following how Kamailio
+  chooses a profile (tls_domain.c). `profiles` maps one section to its table, `listeners`
+  groups server tables into listeners and chooses the engine each needs, `findings` collects
+  the warnings about what tlsbridge cannot do the same way;
 - `renderer`: the document as TOML text, with its comments and `# warning:` lines.
 
-This module joins them and is the API `daemon/cli.py` and the tests use.
+`errors` holds the error all of them raise, `site` what the command line adds to a tls.cfg.
+This module joins the layers and is the API `daemon/cli.py` and the tests use.
 """
 
 from __future__ import annotations
