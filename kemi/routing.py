@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from tlsbridge.kemi.uri import SipUri, parse_uri
 from tlsbridge.shared import control as ctl
@@ -55,6 +56,7 @@ class RoutingMixin:
     tls_public: dict[str, str]
     hairpin: tuple[str, int]
     sip_address: str | None
+    cluster: bool
     received_avp: str
     trunks: dict[str, Trunk]
     htable: str
@@ -79,9 +81,17 @@ class RoutingMixin:
         hairpin, whatever its Contact says (needs registrar's `received_avp` modparam)."""
         if not self.from_bridge():
             return
-        pv = _ksr().pv
-        peer = _hostport(str(pv.get("$si")), int(pv.get("$sp")))
-        pv.sets(self.received_avp, f"sip:{peer};transport=tls")
+        KSR = _ksr()
+        peer = _hostport(str(KSR.pv.get("$si")), int(KSR.pv.get("$sp")))
+        received = f"sip:{peer};transport=tls"
+        KSR.pv.sets(self.received_avp, received)
+        if self.cluster and self.sip_address:
+            # The other nodes learn the registration from DMQ and must route its calls here:
+            # registrar stores this Path with it (use_path), and lookup() on this node skips
+            # it (path_check_local) for the received address, on others sends to this node.
+            KSR.hdr.insert(f"Path: <sip:{self.sip_address};lr;received="
+                           f"{quote(received, safe='')}>\r\n")
+            KSR.textopsx.msg_apply_changes()  # save() reads the Path from the message
 
     def record_route(self) -> None:
         """Instead of `rr.record_route()` for initial requests: the Record-Route is written per
@@ -168,10 +178,13 @@ class RoutingMixin:
         return None
 
     def _registered_here(self) -> bool:
-        """A destination from lookup() of a phone registered over a hairpin keeps the hairpin
-        listener as its send socket: such a phone is reached over its own connection, never
-        dialled."""
-        return str(_ksr().pv.get("$fs") or "") == f"tcp:{format_addr(*self.hairpin)}"
+        """A phone registered over the bridge is reached over its own connection, never
+        dialled. After lookup() its destination keeps the hairpin listener as send socket;
+        routed here by another node of a cluster, it came as the `received` of our Path."""
+        KSR = _ksr()
+        if str(KSR.pv.get("$fs") or "") == f"tcp:{format_addr(*self.hairpin)}":
+            return True
+        return self.cluster and "received=" in str(KSR.pv.get("$(hdr(Route)[0])") or "")
 
     def _over_hairpin(self, peer: str) -> None:
         KSR = _ksr()
