@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tlsbridge.daemon.config import DEFAULT_CONFIG, Config, ConfigError, load_config
+from tlsbridge.shared.addr import TLS_DEFAULT_PORT
 
 EXAMPLES = """\
 examples:
@@ -307,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-tls-cfg",
                        help="print the tlsbridge TOML for a Kamailio tls.cfg (warnings on stderr)")
     p.add_argument("path", help="tls.cfg (or a directory of them)")
-    p.add_argument("--tls-port", type=int, default=5061, help="port of [server:default]")
+    p.add_argument("--tls-port", type=int, default=TLS_DEFAULT_PORT,
+                   help="port of [server:default]")
     p.add_argument("--hairpin", default="127.0.0.1:5062", help="Kamailio's hairpin listener")
     p.add_argument("--listen-ip", help="the address the daemon listens on for [server:default] "
                    "(else a placeholder check refuses)")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tlsbridge.shared.addr import format_addr, parse_addr
+from tlsbridge.shared.addr import TLS_DEFAULT_PORT, format_addr, parse_addr
 from tlsbridge.shared.settings import DEFAULT_RUN_DIR, endpoint_of, run_dir_of, trunks_of
 
 DEFAULT_CONFIG = "/etc/tlsbridge/tlsbridge.toml"
@@ -357,7 +357,7 @@ def _addresses(sec: _Section, key: str) -> tuple[str, ...]:
     items = sec.names(key)
     for item in items:
         try:
-            parse_addr(item, default_port=5061)
+            parse_addr(item, default_port=TLS_DEFAULT_PORT)
         except ValueError as exc:
             raise sec.fail(key, str(exc)) from None
     return items
@@ -400,7 +400,7 @@ def _clients(root: _Section, base: Path) -> dict[str, ClientProfile]:
             verify_depth=sec.positive("verify_depth", int, 9),
             tls13_ciphersuites=sec.get("tls13_ciphersuites", str, None),
             groups=sec.get("groups", str, None),
-            destinations=tuple(format_addr(*parse_addr(d, default_port=5061))
+            destinations=tuple(format_addr(*parse_addr(d, default_port=TLS_DEFAULT_PORT))
                                for d in _addresses(sec, "destinations")),
         )
     # Without configuration: no client certificate, servers verified against the system CAs.

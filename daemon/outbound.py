@@ -151,12 +151,11 @@ class OutboundRelay(Relay):
         if not self.ready:  # the requesters learn why (once: the connector dedups)
             self.connector.failed(self.attempt, close.reason, close.detail)
         if close.failure is Failure.HAIRPIN:
-            self.publisher.publish(ev.HAIRPIN_FAILED, self.ref, reason=close.reason,
-                                   detail=close.detail)
+            self.publisher.publish(ev.HairpinFailed(self.ref, close.reason, close.detail))
         self.connector.forget(self)
 
-    def _closed_fields(self) -> dict[str, object]:
-        return {"keys": sorted(self.keys)}
+    def _keys(self) -> list[str] | None:
+        return sorted(self.keys)
 
 
 class Connector:
@@ -284,9 +283,9 @@ class Connector:
         if self._attempts.get(attempt.target) is not attempt:
             return  # already reported
         del self._attempts[attempt.target]
-        self.publisher.publish(ev.OUTBOUND_FAILED, attempt.relay.ref if attempt.relay else None,
-                               reason=reason, detail=detail, target=attempt.target.to_dict(),
-                         key=attempt.target.key, tags=attempt.tags)
+        self.publisher.publish(ev.OutboundFailed(
+            attempt.relay.ref if attempt.relay else None, reason, detail,
+            attempt.target.to_dict(), attempt.target.key, attempt.tags))
         attempt.tags = []
 
     def forget(self, relay: OutboundRelay) -> None:
@@ -297,9 +296,8 @@ class Connector:
         if isinstance(relay, OutboundRelay):
             relay.keys.add(target.key)
         remote = relay.remote if isinstance(relay, OutboundRelay) else relay.peer
-        self.publisher.publish(ev.OUTBOUND_READY, relay.ref, tls=relay.facts,
-                               remote=format_addr(*remote), target=target.to_dict(),
-                               key=target.key, tags=tags)
+        self.publisher.publish(ev.OutboundReady(relay.ref, relay.facts, format_addr(*remote),
+                                                target.to_dict(), target.key, tags))
 
     def close_all(self) -> None:
         for attempt in list(self._attempts.values()):

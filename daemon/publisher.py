@@ -40,7 +40,8 @@ class FactsPublisher:
 
     # -- events -----------------------------------------------------------------------------
 
-    def publish(self, type_: str, conn: ConnRef | None, **fields: Any) -> None:
+    def publish(self, event: ev.TypedEvent) -> None:
+        type_, conn, fields = event.TYPE, event.conn, event.wire_fields()
         count_event(self.counters, type_, fields)
         log_event(type_, conn, fields)
         sink = self.sink

@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from tlsbridge.daemon.engines.base import TlsEngine, TlsError
 from tlsbridge.daemon.relaycore import (
@@ -159,8 +159,8 @@ class Relay(asyncio.Protocol):
             log.error("conn %d: cannot create TLS engine: %s", self.id, exc)
             self.core.close(r.ENGINE_FAILED)  # never registered: published here, not torn down
             self._released()
-            self.publisher.publish(ev.CONN_CLOSED, self.ref, reason=r.ENGINE_FAILED,
-                                   detail=str(exc), bytes_in=0, bytes_out=0, duration=0.0)
+            self.publisher.publish(ev.ConnClosed(self.ref, r.ENGINE_FAILED, 0, 0, 0.0,
+                                                 detail=str(exc)))
             transport.abort()
             return
         self._timer = loop.call_later(self.handshake_limit, self._handshake_timeout)
@@ -334,7 +334,7 @@ class Relay(asyncio.Protocol):
         self.table.index_hairpin(self)
         assert self.facts is not None
         self.publisher.map_facts(self.ref, self.facts, port)
-        self.publisher.publish(ev.TLS_ESTABLISHED, self.ref, tls=self.facts)
+        self.publisher.publish(ev.TlsEstablished(self.ref, self.facts))
 
     def _send_header(self, sock: socket.socket) -> None:
         """The PROXY header, with what the peer has sent so far, in one segment: Kamailio
@@ -420,12 +420,9 @@ class Relay(asyncio.Protocol):
         duration = self._loop.time() - self.started
         self.table.unregister(self)
         self.publisher.unmap(self.id)
-        fields: dict[str, Any] = {"reason": close.reason, "bytes_in": self.core.bytes_in,
-                                  "bytes_out": self.core.bytes_out}
-        if close.detail:
-            fields["detail"] = close.detail
-        fields.update(self._closed_fields())
-        self.publisher.publish(ev.CONN_CLOSED, self.ref, duration=round(duration, 6), **fields)
+        self.publisher.publish(ev.ConnClosed(self.ref, close.reason, self.core.bytes_in,
+                                             self.core.bytes_out, round(duration, 6),
+                                             close.detail, self._keys()))
 
     # -- what inbound and outbound relays add -----------------------------------------------
 
@@ -449,8 +446,9 @@ class Relay(asyncio.Protocol):
     def _released(self) -> None:
         """The relay ends without having been torn down (no engine)."""
 
-    def _closed_fields(self) -> dict[str, object]:
-        return {}
+    def _keys(self) -> list[str] | None:
+        """What conn.closed says this connection served (outbound identities), if anything."""
+        return None
 
 
 class InboundRelay(Relay):
@@ -502,18 +500,16 @@ class InboundRelay(Relay):
         if self._timer:
             self._timer.cancel()
         self.table.unregister(self)
-        self.publisher.publish(ev.TLS_FAILED, self.ref, reason=reason,
-                               detail=f"limit reached; refused {self.peer[0]}")
+        self.publisher.publish(ev.TlsFailed(self.ref, reason,
+                                            f"limit reached; refused {self.peer[0]}"))
         if self._tls is not None:
             self._tls.abort()
 
     def _closing(self, close: Close) -> None:
         if close.failure is Failure.TLS:
-            self.publisher.publish(ev.TLS_FAILED, self.ref, reason=close.reason,
-                                   detail=close.detail)
+            self.publisher.publish(ev.TlsFailed(self.ref, close.reason, close.detail))
         elif close.failure is Failure.HAIRPIN:
-            self.publisher.publish(ev.HAIRPIN_FAILED, self.ref, reason=close.reason,
-                                   detail=close.detail)
+            self.publisher.publish(ev.HairpinFailed(self.ref, close.reason, close.detail))
         self.gate.release(self.peer[0])
 
     def _released(self) -> None:

@@ -116,17 +116,16 @@ def expiring(config: Config, within_days: float, now: float | None = None) -> li
     return out
 
 
-def publish_expiring(config: Config, publish: Callable[..., None]) -> None:
+def publish_expiring(config: Config, publish: Callable[[ev.CertExpiring], None]) -> None:
     """Log and publish cert.expiring for each certificate within cert_expiry_days."""
     for e in expiring(config, config.cert_expiry_days):
         log.warning("certificate %s (%s) expires %s: %.1f days left",
                     e.path, e.owner, e.not_after, e.days_left)
-        publish(ev.CERT_EXPIRING, None, owner=e.owner, path=e.path, not_after=e.not_after,
-                days_left=e.days_left)
+        publish(ev.CertExpiring(e.owner, e.path, e.not_after, e.days_left))
 
 
 async def check_expiry_forever(config: Callable[[], Config],
-                               publish: Callable[..., None]) -> None:
+                               publish: Callable[[ev.CertExpiring], None]) -> None:
     while True:
         publish_expiring(config(), publish)
         await asyncio.sleep(EXPIRY_CHECK_INTERVAL)

@@ -154,7 +154,7 @@ class Server:
         if worker is None:
             self._lookup = LookupServer(lookup_socket_of(config.run_dir), self.ops.lookup_entry)
             self._lookup.start()
-            sink.greet = lambda: self.publisher.publish(ev.DAEMON_STARTED, None, pid=os.getpid())
+            sink.greet = lambda: self.publisher.publish(ev.DaemonStarted(os.getpid()))
             sink.greet()
 
     async def _ask_supervisor(self, ip: str, conn_id: int) -> str | None:
@@ -191,7 +191,7 @@ class Server:
             except ConfigError as exc:
                 log.error("reload failed, nothing changed: %s", exc)
                 if self.worker is None:
-                    self.publisher.publish(ev.CONFIG_RELOAD_FAILED, None, reason=str(exc))
+                    self.publisher.publish(ev.ConfigReloadFailed(str(exc)))
                 raise
             changes = rl.diff(self.config, new, self._fingerprints, fingerprints)
             old_addresses = set(self._servers)
@@ -205,7 +205,7 @@ class Server:
             logging.getLogger().setLevel(new.log_level.upper())
             log.info("configuration reloaded: %s", changes.to_dict())
             if self.worker is None:
-                self.publisher.publish(ev.CONFIG_RELOADED, None, **changes.to_dict())
+                self.publisher.publish(ev.ConfigReloaded(changes.changed, changes.restart_needed))
                 rl.publish_expiring(new, self.publisher.publish)
             return changes.to_dict()
 
@@ -216,7 +216,7 @@ class Server:
             pass  # logged and published by reload()
         except OSError as exc:  # e.g. a listener address that cannot be bound
             log.error("reload failed: %s", exc)
-            self.publisher.publish(ev.CONFIG_RELOAD_FAILED, None, reason=str(exc))
+            self.publisher.publish(ev.ConfigReloadFailed(str(exc)))
 
     async def _watch(self) -> None:
         seen = rl.watched_mtimes(self.config)
@@ -250,7 +250,7 @@ class Server:
 
     async def _close_parts(self) -> None:
         if self.worker is None:
-            self.publisher.publish(ev.DAEMON_STOPPING, None, pid=os.getpid())
+            self.publisher.publish(ev.DaemonStopping(os.getpid()))
         if self._control is not None:
             await self._control.close()
         self.publisher.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -131,6 +131,256 @@ class Event:
             conn=self.conn.to_dict() if self.conn else None,
         )
         return out
+
+
+# -- typed events: one class per type, over the same wire fields ----------------------------
+#
+# A publisher builds one (`ConnClosed(conn, reason=..., ...)`) and sends `.TYPE`, `.conn` and
+# `.wire_fields()`; a subscriber reads one with `typed(event)` or `ConnClosed.from_event(event)`.
+# Optional fields that are None are not on the wire, as before these classes existed.
+
+
+def _field(event: Event, key: str, kinds: type | tuple[type, ...], default: Any = ...) -> Any:
+    value = event.fields.get(key, default)
+    if value is ...:
+        raise EventError(f"{event.type} lacks {key!r}")
+    if value is not default and not isinstance(value, kinds):
+        raise EventError(f"{event.type}: {key} {value!r} has the wrong type")
+    return value
+
+
+def _conn(event: Event) -> ConnRef:
+    if event.conn is None:
+        raise EventError(f"{event.type} lacks its conn")
+    return event.conn
+
+
+def _expect(event: Event, type_: str) -> None:
+    if event.type != type_:
+        raise EventError(f"a {event.type} event is not {type_}")
+
+
+_NUMBER = (int, float)
+
+
+class TlsEstablished(NamedTuple):
+    conn: ConnRef
+    tls: TlsFacts | Mapping[str, Any]
+    TYPE = TLS_ESTABLISHED
+
+    def wire_fields(self) -> dict[str, Any]:
+        return {"tls": self.tls}
+
+    @classmethod
+    def from_event(cls, event: Event) -> TlsEstablished:
+        _expect(event, cls.TYPE)
+        return cls(_conn(event), _field(event, "tls", Mapping))
+
+
+class TlsFailed(NamedTuple):
+    """A handshake that failed, timed out, or a connection refused before any TLS."""
+
+    conn: ConnRef
+    reason: str
+    detail: str
+    TYPE = TLS_FAILED
+
+    def wire_fields(self) -> dict[str, Any]:
+        return {"reason": self.reason, "detail": self.detail}
+
+    @classmethod
+    def from_event(cls, event: Event) -> TlsFailed:
+        _expect(event, cls.TYPE)
+        return cls(_conn(event), _field(event, "reason", str), _field(event, "detail", str, ""))
+
+
+class HairpinFailed(NamedTuple):
+    conn: ConnRef
+    reason: str
+    detail: str
+    TYPE = HAIRPIN_FAILED
+
+    def wire_fields(self) -> dict[str, Any]:
+        return {"reason": self.reason, "detail": self.detail}
+
+    @classmethod
+    def from_event(cls, event: Event) -> HairpinFailed:
+        _expect(event, cls.TYPE)
+        return cls(_conn(event), _field(event, "reason", str), _field(event, "detail", str, ""))
+
+
+class ConnClosed(NamedTuple):
+    """The one end of a connection. `keys`: the outbound identities it served (outbound)."""
+
+    conn: ConnRef
+    reason: str
+    bytes_in: int
+    bytes_out: int
+    duration: float
+    detail: str = ""
+    keys: list[str] | None = None
+    TYPE = CONN_CLOSED
+
+    def wire_fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"duration": self.duration, "reason": self.reason,
+                               "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
+        if self.detail:
+            out["detail"] = self.detail
+        if self.keys is not None:
+            out["keys"] = self.keys
+        return out
+
+    @classmethod
+    def from_event(cls, event: Event) -> ConnClosed:
+        _expect(event, cls.TYPE)
+        return cls(_conn(event), _field(event, "reason", str), _field(event, "bytes_in", int),
+                   _field(event, "bytes_out", int), _field(event, "duration", _NUMBER),
+                   _field(event, "detail", str, ""), _field(event, "keys", list, None))
+
+
+class OutboundReady(NamedTuple):
+    """A connect's outcome: `remote` is the server's real address, `conn.peer` the one
+    declared to Kamailio; `tags` the requesters' opaque tags."""
+
+    conn: ConnRef
+    tls: TlsFacts | Mapping[str, Any] | None
+    remote: str
+    target: Mapping[str, Any]
+    key: str
+    tags: list[Any]
+    TYPE = OUTBOUND_READY
+
+    def wire_fields(self) -> dict[str, Any]:
+        return {"tls": self.tls, "remote": self.remote, "target": self.target, "key": self.key,
+                "tags": self.tags}
+
+    @classmethod
+    def from_event(cls, event: Event) -> OutboundReady:
+        _expect(event, cls.TYPE)
+        return cls(_conn(event), _field(event, "tls", Mapping, None),
+                   _field(event, "remote", str), _field(event, "target", Mapping),
+                   _field(event, "key", str), _field(event, "tags", list, []))
+
+
+class OutboundFailed(NamedTuple):
+    conn: ConnRef | None
+    reason: str
+    detail: str
+    target: Mapping[str, Any]
+    key: str
+    tags: list[Any]
+    TYPE = OUTBOUND_FAILED
+
+    def wire_fields(self) -> dict[str, Any]:
+        return {"reason": self.reason, "detail": self.detail, "target": self.target,
+                "key": self.key, "tags": self.tags}
+
+    @classmethod
+    def from_event(cls, event: Event) -> OutboundFailed:
+        _expect(event, cls.TYPE)
+        return cls(event.conn, _field(event, "reason", str), _field(event, "detail", str, ""),
+                   _field(event, "target", Mapping), _field(event, "key", str),
+                   _field(event, "tags", list, []))
+
+
+class ConfigReloaded(NamedTuple):
+    changed: list[str]
+    restart_needed: list[str]
+    conn: None = None
+    TYPE = CONFIG_RELOADED
+
+    def wire_fields(self) -> dict[str, Any]:
+        return {"changed": self.changed, "restart_needed": self.restart_needed}
+
+    @classmethod
+    def from_event(cls, event: Event) -> ConfigReloaded:
+        _expect(event, cls.TYPE)
+        return cls(_field(event, "changed", list), _field(event, "restart_needed", list))
+
+
+class ConfigReloadFailed(NamedTuple):
+    reason: str
+    conn: None = None
+    TYPE = CONFIG_RELOAD_FAILED
+
+    def wire_fields(self) -> dict[str, Any]:
+        return {"reason": self.reason}
+
+    @classmethod
+    def from_event(cls, event: Event) -> ConfigReloadFailed:
+        _expect(event, cls.TYPE)
+        return cls(_field(event, "reason", str))
+
+
+class CertExpiring(NamedTuple):
+    owner: str
+    path: str
+    not_after: str
+    days_left: float
+    conn: None = None
+    TYPE = CERT_EXPIRING
+
+    def wire_fields(self) -> dict[str, Any]:
+        return {"owner": self.owner, "path": self.path, "not_after": self.not_after,
+                "days_left": self.days_left}
+
+    @classmethod
+    def from_event(cls, event: Event) -> CertExpiring:
+        _expect(event, cls.TYPE)
+        return cls(_field(event, "owner", str), _field(event, "path", str),
+                   _field(event, "not_after", str), _field(event, "days_left", _NUMBER))
+
+
+class DaemonStarted(NamedTuple):
+    """`workers`: set by a supervisor only."""
+
+    pid: int
+    workers: int | None = None
+    conn: None = None
+    TYPE = DAEMON_STARTED
+
+    def wire_fields(self) -> dict[str, Any]:
+        if self.workers is None:
+            return {"pid": self.pid}
+        return {"pid": self.pid, "workers": self.workers}
+
+    @classmethod
+    def from_event(cls, event: Event) -> DaemonStarted:
+        _expect(event, cls.TYPE)
+        return cls(_field(event, "pid", int), _field(event, "workers", int, None))
+
+
+class DaemonStopping(NamedTuple):
+    pid: int
+    conn: None = None
+    TYPE = DAEMON_STOPPING
+
+    def wire_fields(self) -> dict[str, Any]:
+        return {"pid": self.pid}
+
+    @classmethod
+    def from_event(cls, event: Event) -> DaemonStopping:
+        _expect(event, cls.TYPE)
+        return cls(_field(event, "pid", int))
+
+
+TypedEvent = (TlsEstablished | TlsFailed | HairpinFailed | ConnClosed | OutboundReady
+              | OutboundFailed | ConfigReloaded | ConfigReloadFailed | CertExpiring
+              | DaemonStarted | DaemonStopping)
+
+_TYPED: dict[str, Any] = {cls.TYPE: cls for cls in (
+    TlsEstablished, TlsFailed, HairpinFailed, ConnClosed, OutboundReady, OutboundFailed,
+    ConfigReloaded, ConfigReloadFailed, CertExpiring, DaemonStarted, DaemonStopping)}
+assert set(_TYPED) == EVENT_TYPES
+
+
+def typed(event: Event) -> TypedEvent:
+    """The event as its type's class; EventError if its fields do not fit it."""
+    cls = _TYPED.get(event.type)
+    if cls is None:
+        raise EventError(f"unknown event type {event.type!r}")
+    result: TypedEvent = cls.from_event(event)
+    return result
 
 
 class EventEncoder:

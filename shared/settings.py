@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tlsbridge.shared.addr import default_sni, format_addr, parse_addr
+from tlsbridge.shared.addr import TLS_DEFAULT_PORT, default_sni, format_addr, parse_addr
 from tlsbridge.shared.factsmap import facts_map_of
 
 DEFAULT_RUN_DIR = "/run/tlsbridge"
@@ -103,7 +103,7 @@ def trunks_of(raw: dict[str, Any], path: Path) -> dict[str, Trunk]:
             raise ValueError(f"{where}.{unknown[0]}': unknown key; known keys: "
                              f"{', '.join(TRUNK_KEYS)}")
         try:
-            host, port = parse_addr(str(t["address"]), default_port=5061)
+            host, port = parse_addr(str(t["address"]), default_port=TLS_DEFAULT_PORT)
         except (KeyError, ValueError) as exc:
             raise ValueError(f"{where}.address' missing or bad: {exc}") from None
         for key in ("prefixes", "domains"):

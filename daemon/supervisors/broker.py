@@ -128,13 +128,12 @@ class Broker:
         """Answer clients from now on (every worker listens) and greet subscribers."""
         self._control.start()
         self._lookup.start()
-        self._events.greet = lambda: self.publish(ev.DAEMON_STARTED, None, pid=os.getpid(),
-                                                  workers=self.count)
+        self._events.greet = lambda: self.publish(ev.DaemonStarted(os.getpid(), self.count))
         self._events.greet()
 
     async def close(self) -> None:
         """After the workers are gone (their last events are in)."""
-        self.publish(ev.DAEMON_STOPPING, None, pid=os.getpid())
+        self.publish(ev.DaemonStopping(os.getpid()))
         for task in list(self._tasks):
             task.cancel()
         await self._control.close()
@@ -168,8 +167,7 @@ class Broker:
             except (ValueError, ev.EventError) as exc:
                 log.error("conn %d of worker %d: %s", conn_id, index, exc)
                 continue
-            self.publish(ev.CONN_CLOSED, conn, reason=r.WORKER_DIED, bytes_in=0, bytes_out=0,
-                         duration=0.0, keys=entry.keys)
+            self.publish(ev.ConnClosed(conn, r.WORKER_DIED, 0, 0, 0.0, keys=entry.keys))
 
     # -- admission across workers -------------------------------------------------------------
 
@@ -202,7 +200,11 @@ class Broker:
     def _dropped(self) -> None:
         self.counters["events_dropped"] += 1
 
-    def publish(self, type_: str, conn: ev.ConnRef | None, **fields: Any) -> None:
+    def publish(self, event: ev.TypedEvent) -> None:
+        self._publish_fields(event.TYPE, event.conn, event.wire_fields())
+
+    def _publish_fields(self, type_: str, conn: ev.ConnRef | None,
+                        fields: dict[str, Any]) -> None:
         count_event(self.counters, type_, fields)
         if self._events.wants(ev.topic_of(type_, conn)):
             self._events.send(self._encoder.encode(type_, conn, **fields)[1])
@@ -228,7 +230,7 @@ class Broker:
             return
         if event.type == ev.OUTBOUND_READY and event.conn is not None:
             self._add_key(event.conn.id, event.fields.get("key"))
-        self.publish(event.type, event.conn, **event.fields)
+        self._publish_fields(event.type, event.conn, dict(event.fields))
 
     def _take_noted(self, frames: list[bytes]) -> None:
         topic_b, body, raw_note = frames
@@ -355,7 +357,7 @@ class Broker:
             raise errors[0] if errors else ctl.ControlError(ctl.NOT_FOUND, "no such connection")
         if errors:
             if op == "reload":
-                self.publish(ev.CONFIG_RELOAD_FAILED, None, reason=errors[0].message)
+                self.publish(ev.ConfigReloadFailed(errors[0].message))
             raise errors[0]
         if op == "list":
             return {"conns": [c for r in ok for c in r.get("conns", [])]}
@@ -364,7 +366,7 @@ class Broker:
         if op == "reload":
             await self._reload_own()
             changes = {k: ok[0].get(k, []) for k in ("changed", "restart_needed")}
-            self.publish(ev.CONFIG_RELOADED, None, **changes)
+            self.publish(ev.ConfigReloaded(changes["changed"], changes["restart_needed"]))
             rl.publish_expiring(self.config, self.publish)
             return changes
         raise ctl.ControlError(ctl.UNSUPPORTED, f"op {op!r} not available")

@@ -86,9 +86,9 @@ def test_the_publisher_sends_only_what_is_subscribed(tmp_path: Path) -> None:
         try:
             await until(lambda: hub.sink is not None and hub.sink.wants("conn.closed.out"))
             for _ in range(3):
-                hub.publish(ev.CONN_CLOSED, IN, reason="closed")
-                hub.publish(ev.CONN_CLOSED, OUT, reason="closed", keys=[])
-                hub.publish(ev.TLS_ESTABLISHED, IN)
+                hub.publish(ev.ConnClosed(IN, "closed", 0, 0, 0.0))
+                hub.publish(ev.ConnClosed(OUT, "closed", 0, 0, 0.0, keys=[]))
+                hub.publish(ev.TlsEstablished(IN, {}))
             while len(got) < 3:
                 await until(lambda: bool(sub.poll(0)))
                 got.append(sub.recv_multipart())
