@@ -58,7 +58,7 @@ from typing import Any
 
 from tlsbridge.daemon.config import ClientProfile, ConfigError, ServerProfile
 from tlsbridge.daemon.engines.base import TlsEngine, TlsError
-from tlsbridge.daemon.engines.registry import listed, pem_crls
+from tlsbridge.daemon.engines.checks import listed, pem_crls
 from tlsbridge.daemon.sni import SniRouter, refusal
 from tlsbridge.shared.addr import is_ip
 from tlsbridge.shared.facts import (

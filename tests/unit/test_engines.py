@@ -575,11 +575,11 @@ def test_gnutls_free(certs: Path) -> None:
 
 
 def test_factory_builds_the_context_once(certs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tlsbridge.daemon import tls_context
+    from tlsbridge.daemon.engines import openssl
 
     calls = []
-    real = tls_context.server_context
-    monkeypatch.setattr(tls_context, "server_context", lambda p: calls.append(p) or real(p))
+    real = openssl.server_context
+    monkeypatch.setattr(openssl, "server_context", lambda p: calls.append(p) or real(p))
     factory = server_engine_factory("openssl", profile(certs))
     engines = [factory() for _ in range(3)]
     assert len(calls) == 1 and len({id(e) for e in engines}) == 3
