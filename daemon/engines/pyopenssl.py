@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 from OpenSSL import SSL, crypto
 
 from tlsbridge.daemon import keylog
-from tlsbridge.daemon.config import ClientProfile, ConfigError, ServerProfile
 from tlsbridge.daemon.certinfo import cert_info_from_der
+from tlsbridge.daemon.config import ClientProfile, ConfigError, ServerProfile
 from tlsbridge.daemon.engines.base import READ_CHUNK, TlsEngine, TlsError, verdict
 from tlsbridge.daemon.engines.checks import listed, pem_crls
 from tlsbridge.daemon.sni import SniRouter, refusal

@@ -521,13 +521,13 @@ def test_unavailable_engine_names_the_reason(certs: Path,
 
 
 def test_missing_libgnutls_is_a_reason_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tlsbridge.daemon.engines import gnutls
+    from tlsbridge.daemon.engines.gnutls import binding
 
     def no_library(*_: Any, **__: Any) -> Any:
         raise OSError("libgnutls.so.30: cannot open shared object file")
 
-    monkeypatch.setattr(gnutls.ctypes, "CDLL", no_library)
-    lib, reason = gnutls._load()
+    monkeypatch.setattr(binding.ctypes, "CDLL", no_library)
+    lib, reason = binding.load()
     assert lib is None and reason is not None and "libgnutls.so.30 cannot be loaded" in reason
 
 
