@@ -107,6 +107,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "gnutls_handshake_set_post_client_hello_function": (None, [_P, HelloFunc]),
     "gnutls_record_recv": (c_ssize_t, [_P, c_void_p, c_size_t]),
     "gnutls_record_send": (c_ssize_t, [_P, c_void_p, c_size_t]),
+    "gnutls_record_check_pending": (c_size_t, [_P]),
     "gnutls_bye": (c_int, [_P, c_int]),
     "gnutls_alert_get": (c_int, [_P]),
     "gnutls_alert_get_name": (c_char_p, [c_int]),

@@ -17,13 +17,14 @@ import ctypes
 import errno
 import ipaddress
 import sys
+import threading
 from ctypes import byref, c_size_t, c_uint, c_void_p
 from typing import Any
 
 from cryptography import x509
 
 from tlsbridge.daemon.certinfo import cert_info_from_der
-from tlsbridge.daemon.engines.base import TlsEngine, TlsError, verdict
+from tlsbridge.daemon.engines.base import READ_CHUNK, TlsEngine, TlsError, verdict
 from tlsbridge.daemon.engines.gnutls import binding
 from tlsbridge.daemon.engines.gnutls.binding import (
     A_NO_RENEGOTIATION,
@@ -76,8 +77,18 @@ from tlsbridge.shared.facts import CertInfo, TlsFacts
 
 __all__ = ["GnuTLSEngine"]
 
-_RECORD_SIZE = 16384  # the largest TLS plaintext record
 _MAX_NONFATAL = 64  # bound on consecutive warnings before giving up
+
+# Plaintext is read into one buffer per thread (the engines of a thread never read at once),
+# READ_CHUNK bytes: records land in it one after the other and leave it as one bytes object
+# of the right length, with no buffer allocated per read() nor copied per record.
+_reading = threading.local()
+
+
+def _read_buffer() -> tuple[ctypes.Array[ctypes.c_char], int]:
+    buf = ctypes.create_string_buffer(READ_CHUNK)
+    _reading.buffer = buf, ctypes.addressof(buf)
+    return _reading.buffer
 
 
 class _State:
@@ -255,7 +266,7 @@ class GnuTLSEngine(TlsEngine):
         name sent, "" sends none. `local_by_profile`: our certificate by profile name, for
         a context that chooses profiles by SNI."""
         self._session: c_void_p | None = None
-        lib = need_lib()
+        lib = self._lib = need_lib()
         self._ctx = ctx  # the credentials must outlive the session
         self._local_cert = local_cert if local_cert is not None else ctx.local_cert
         self._local_by_profile = local_by_profile or {}
@@ -371,20 +382,32 @@ class GnuTLSEngine(TlsEngine):
     def read(self) -> bytes:
         if not self.handshake_done:
             return b""
-        lib = need_lib()
-        session = self._live_session()
-        buf = ctypes.create_string_buffer(_RECORD_SIZE)
+        session = self._session
+        if session is None:
+            raise TlsError("tls_error", "session already freed")
+        lib, st = self._lib, self._st
+        try:
+            buf, base = _reading.buffer
+        except AttributeError:
+            buf, base = _read_buffer()
         chunks = []
-        nonfatal = 0
+        got = nonfatal = 0  # bytes in buf; warnings in a row
         while not self.peer_closed:
-            before = len(self._st.inbuf)
-            n = lib.gnutls_record_recv(session, buf, _RECORD_SIZE)
+            before = len(st.inbuf)
+            n = lib.gnutls_record_recv(session, base + got, READ_CHUNK - got)
             if n > 0:
-                chunks.append(buf.raw[:n])
+                got += n
                 nonfatal = 0
+                if got == READ_CHUNK:
+                    chunks.append(buf.raw)
+                    got = 0
+                if not (st.inbuf or st.eof or lib.gnutls_record_check_pending(session)):
+                    # All of it (GnuTLS pulls a record exactly, header then body): spare the
+                    # pull callback and the E_AGAIN that the next recv would come back with.
+                    break
             elif n == 0:
                 self.peer_closed = True
-            elif n in (E_AGAIN, E_INTERRUPTED) and not self._st.callback_error:
+            elif n in (E_AGAIN, E_INTERRUPTED) and not st.callback_error:
                 if not self._made_progress(before):
                     break
             elif n in EOF_ERRORS and self._at_eof():
@@ -392,8 +415,8 @@ class GnuTLSEngine(TlsEngine):
                 self.peer_closed = True
             elif n == E_REHANDSHAKE:
                 lib.gnutls_alert_send(session, AL_WARNING, A_NO_RENEGOTIATION)
-            elif self._st.callback_error:
-                raise self._broken(TlsError("tls_error", self._st.callback_error))
+            elif st.callback_error:
+                raise self._broken(TlsError("tls_error", st.callback_error))
             elif n == E_FATAL_ALERT_RECEIVED:
                 raise self._broken(TlsError("tls_error", self._alert_text()))
             elif lib.gnutls_error_is_fatal(n) or nonfatal >= _MAX_NONFATAL:
@@ -402,23 +425,34 @@ class GnuTLSEngine(TlsEngine):
                 raise self._broken(TlsError("tls_error", strerror(n)))
             else:
                 nonfatal += 1  # a warning alert: carry on
-        return b"".join(chunks)
+        if chunks:
+            chunks.append(buf[:got])
+            return b"".join(chunks)
+        return buf[:got]
 
     def write(self, plaintext: bytes) -> None:
         if not plaintext:
             return
-        lib = need_lib()
-        session = self._live_session()
-        buf = ctypes.create_string_buffer(plaintext, len(plaintext))
-        base, off = ctypes.addressof(buf), 0
-        while off < len(plaintext):
-            n = lib.gnutls_record_send(session, base + off, len(plaintext) - off)
+        session = self._session
+        if session is None:
+            raise TlsError("tls_error", "session already freed")
+        send, st = self._lib.gnutls_record_send, self._st
+        total = len(plaintext)
+        # The bytes object's own buffer goes to GnuTLS (c_void_p takes bytes): no copy, and
+        # one call for a message that fits in a record.
+        n = send(session, plaintext, total)
+        if n == total:
+            return
+        base, off = ctypes.cast(plaintext, c_void_p).value or 0, 0  # valid while plaintext is
+        while True:
             if n > 0:
                 off += n
-            elif n in (E_AGAIN, E_INTERRUPTED) and not self._st.callback_error:
-                continue  # the push callback never blocks; GnuTLS retries with the rest
-            else:
-                raise TlsError("tls_error", self._st.callback_error or strerror(n))
+                if off >= total:
+                    return
+            elif not (n in (E_AGAIN, E_INTERRUPTED) and not st.callback_error):
+                raise TlsError("tls_error", st.callback_error or strerror(n))
+            # E_AGAIN: the push callback never blocks; GnuTLS retries with the rest.
+            n = send(session, base + off, total - off)
 
     def _broken(self, error: TlsError) -> TlsError:
         self._failure = error
