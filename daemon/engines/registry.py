@@ -27,8 +27,9 @@ ENGINES = ("openssl", "pyopenssl", "gnutls")
 
 
 # What an engine fixes before it learns the SNI, so a listener's SNI profiles must agree with
-# its default profile on it (the pyopenssl and gnutls modules say why). openssl: as pyopenssl,
-# and Python's ssl cannot set the verify mode of a connection (OpenSSL keeps the first one).
+# its default profile on it (engines/pyopenssl.py and engines/gnutls/session.py say why).
+# openssl: as pyopenssl, and Python's ssl cannot set the verify mode of a connection (OpenSSL
+# keeps the first one).
 _FIXED_BEFORE_SNI = {
     "openssl": ("verify_client", "crl", "min_version", "max_version", "groups"),
     "pyopenssl": ("min_version", "max_version", "tls13_ciphersuites", "groups", "verify_depth"),

@@ -375,7 +375,7 @@ def test_ca_path(srv_engine: str, certs: Path, hashed_dir: Path, mode: str) -> N
 # ---- TLS 1.3 suites -------------------------------------------------------------------------
 
 # One setting every engine that restricts TLS 1.3 takes: with TLS 1.2 on, GnuTLS wants the
-# TLS 1.2 suites to use the very same ciphers (engines/gnutls.py).
+# TLS 1.2 suites to use the very same ciphers (engines/gnutls/priority.py).
 CHACHA = {"tls13_ciphersuites": "TLS_CHACHA20_POLY1305_SHA256",
           "ciphers": "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"}
 # What CHACHA gets with our ECDSA certificate, per protocol version

@@ -468,7 +468,7 @@ def test_tls12_cipher_string(cli_engine: str, srv_engine: str, certs: Path) -> N
     _, srv = connected(cli_engine, srv_engine, certs, min_version="TLSv1.3",
                        ciphers="ECDHE-ECDSA-AES128-GCM-SHA256")
     assert srv.facts().cipher == "TLS_AES_256_GCM_SHA384"
-    # With both on, GnuTLS has one cipher list for both versions (see engines/gnutls.py).
+    # With both on, GnuTLS has one cipher list for both versions (see engines/gnutls/priority.py).
     _, srv = connected(cli_engine, srv_engine, certs, ciphers="ECDHE-ECDSA-AES128-GCM-SHA256")
     assert srv.facts().version == "TLSv1.3"
     expected = "TLS_AES_128_GCM_SHA256" if srv_engine == "gnutls" else "TLS_AES_256_GCM_SHA384"

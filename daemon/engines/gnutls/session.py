@@ -328,7 +328,7 @@ class GnuTLSEngine(TlsEngine):
         return left < before and (left > 0 or self._st.eof)
 
     def _alert_text(self) -> str:
-        lib = need_lib()
+        lib = self._lib
         name = lib.gnutls_alert_get_name(lib.gnutls_alert_get(self._live_session()))
         return f"received alert: {name.decode() if name else 'unknown'}"
 
@@ -339,7 +339,7 @@ class GnuTLSEngine(TlsEngine):
         if rc in EOF_ERRORS and self._at_eof():
             return TlsError("eof_in_handshake", "peer closed during the handshake")
         # Tell the peer why, as OpenSSL does; GnuTLS leaves that to the caller.
-        need_lib().gnutls_alert_send_appropriate(self._live_session(), rc)
+        self._lib.gnutls_alert_send_appropriate(self._live_session(), rc)
         if st.refused:
             return TlsError("sni_refused", st.refused)
         if st.callback_error:
@@ -361,7 +361,7 @@ class GnuTLSEngine(TlsEngine):
             return True
         if self._failure is not None:
             raise self._failure
-        lib = need_lib()
+        lib = self._lib
         session = self._live_session()
         for _ in range(_MAX_NONFATAL):
             before = len(self._st.inbuf)
@@ -461,7 +461,7 @@ class GnuTLSEngine(TlsEngine):
     def close(self) -> None:
         if self._session is not None and self.handshake_done and self._failure is None:
             # SHUT_WR: queue our close_notify without waiting for the peer's.
-            need_lib().gnutls_bye(self._session, SHUT_WR)
+            self._lib.gnutls_bye(self._session, SHUT_WR)
 
     def outgoing(self) -> bytes:
         out = bytes(self._st.out)
@@ -471,7 +471,7 @@ class GnuTLSEngine(TlsEngine):
     def facts(self) -> TlsFacts:
         if not self.handshake_done:
             raise ValueError("TLS handshake has not completed")
-        lib = need_lib()
+        lib = self._lib
         s = self._live_session()
         peer_der = self._peer_der(lib, s)
         peer: CertInfo | None = None
@@ -490,7 +490,7 @@ class GnuTLSEngine(TlsEngine):
         tls13 = version == "TLS1.3"
         return TlsFacts(
             version=sys.intern(version.replace("TLS1.", "TLSv1.", 1)),  # shared, as in
-            cipher=sys.intern(suite_name(lib, s, cipher, tls13)),  # facts_from_ssl
+            cipher=sys.intern(suite_name(lib, s, cipher, tls13)),  # openssl.facts_from_ssl
             cipher_bits=int(lib.gnutls_cipher_get_key_size(cipher)) * 8,
             sni=_server_name(lib, s) if self._ctx.server_side else self._sni,
             alpn=self._alpn(lib, s),
