@@ -139,6 +139,7 @@ class GnuTLSUnavailable(ConfigError):
 
 
 def load() -> tuple[ctypes.CDLL | None, str | None]:
+    """The library with every signature above set, or None and the reason it cannot be used."""
     try:
         lib = ctypes.CDLL(LIBRARY)
     except OSError as exc:
@@ -169,24 +170,28 @@ def library_version() -> str | None:
 
 
 def need_lib() -> ctypes.CDLL:
+    """The library; raises GnuTLSUnavailable saying why there is none."""
     if LIB is None:
         raise GnuTLSUnavailable(f"engine gnutls unavailable: {UNAVAILABLE}")
     return LIB
 
 
 def strerror(code: int) -> str:
+    """GnuTLS's words for error `code`."""
     lib = need_lib()
     text = lib.gnutls_strerror(code)
     return text.decode() if text else f"GnuTLS error {code}"
 
 
 def free_memory(ptr: int | None) -> None:
+    """gnutls_free: release what GnuTLS allocated for us."""
     if ptr:
         # gnutls_free is a variable holding the deallocator, not a function.
         _FreeFunc(c_void_p.in_dll(need_lib(), "gnutls_free").value)(ptr)
 
 
 def status_text(status: int) -> str:
+    """GnuTLS's words for a certificate verification status (a bit set)."""
     lib = need_lib()
     out = Datum()
     if lib.gnutls_certificate_verification_status_print(status, CRT_X509, byref(out), 0) < 0:
@@ -198,12 +203,13 @@ def status_text(status: int) -> str:
 
 
 def name_of(lib: ctypes.CDLL, fn: str, value: int) -> str:
+    """The name that getter `fn` (gnutls_*_get_name) gives `value`; "" if none."""
     raw = getattr(lib, fn)(value)
     return raw.decode() if raw else ""
 
 
-
 def check(rc: int, what: str) -> int:
+    """`rc` if it is no error; else raises ValueError naming `what` failed and why."""
     if rc < 0:
         raise ValueError(f"GnuTLS {what}: {strerror(rc)}")
     return rc

@@ -139,8 +139,6 @@ class GnuTLSContext:
             self.free()
 
 
-
-
 def server_context(profile: ServerProfile) -> GnuTLSContext:
     """A server context for `profile`; raises ConfigError naming the profile and the file."""
     where = f"profile '{profile.name}'"

@@ -61,7 +61,6 @@ def openssl_names() -> dict[int, str]:
     return {c["id"] & 0xFFFF: c["name"] for c in ctx.get_ciphers()}
 
 
-
 Suite = tuple[str, int, int, int, int, int]
 
 

@@ -246,7 +246,6 @@ def _issuer(cert: Datum) -> bytes:
     return x509.load_der_x509_certificate(der).issuer.public_bytes()
 
 
-
 class GnuTLSEngine(TlsEngine):
     """One GnuTLS session on in-memory transport callbacks."""
 
