@@ -217,10 +217,11 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_import_tls_cfg(args: argparse.Namespace) -> int:
-    from tlsbridge.daemon.tlscfg import main_import
+    from tlsbridge.daemon.tlscfg import Site, main_import
 
-    return main_import(args.path, sys.stdout, sys.stderr, tls_port=args.tls_port,
-                       hairpin=args.hairpin)
+    site = Site(tls_port=args.tls_port, hairpin=args.hairpin, listen_ip=args.listen_ip,
+                run_dir=args.run_dir, sip_address=args.sip_address)
+    return main_import(args.path, sys.stdout, sys.stderr, site)
 
 
 def cmd_migrate_cfg(args: argparse.Namespace) -> int:
@@ -307,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="tls.cfg (or a directory of them)")
     p.add_argument("--tls-port", type=int, default=5061, help="port of [server:default]")
     p.add_argument("--hairpin", default="127.0.0.1:5062", help="Kamailio's hairpin listener")
+    p.add_argument("--listen-ip", help="the address the daemon listens on for [server:default] "
+                   "(else a placeholder check refuses)")
+    p.add_argument("--run-dir", help="[daemon] run_dir (else a placeholder)")
+    p.add_argument("--sip-address", help="[kamailio] sip_address: where UDP peers reach "
+                   "Kamailio (else a placeholder)")
     p.set_defaults(func=cmd_import_tls_cfg)
     p = sub.add_parser("migrate-cfg", help="take TLS out of a kamailio.cfg: the hairpin, the "
                        "bridge's modules, python_exec calls in native routes (notes on stderr)")

@@ -18,6 +18,10 @@ ENGINE_NAMES = ("openssl", "pyopenssl", "gnutls")
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 
 
+# import-tls-cfg writes this where the operator must decide; a file that still has one is refused.
+PLACEHOLDER = "<set me:"
+
+
 class ConfigError(Exception):
     """A configuration that cannot run; the message names the file and the key."""
 
@@ -141,6 +145,9 @@ class _Section:
         return ConfigError(f"{self.path}: key '{self._key(key)}': {message}")
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        value = self.data.get(key)
+        if isinstance(value, str) and value.startswith(PLACEHOLDER):
+            raise self.fail(key, f"a placeholder ({value}): set it")
         if key not in self.data:
             if default is ...:
                 raise self.fail(key, "is required")
