@@ -6,11 +6,13 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 
 from tests.support.procs import (
+    CFG,
     Daemon,
     EventTap,
     Kamailio,
@@ -56,7 +58,12 @@ def start_stack(
     engine: str = "openssl", listener_extra: str = "", daemon_extra: str = "",
 ) -> Stack:
     tls_port, sip_port, hairpin_port = (free_tcp_udp_port() for _ in range(3))
+    engine, native, _ = engine.partition("-native")
     engine, _, workers = engine.partition("-x")
+    routing: dict[str, Any] = {}
+    if native:  # the native cfg routes of routing-native.cfg, calling the bridge by python_exec
+        routing = {"script": CFG / "tlsbridge_native.py",
+                   "extra_args": ("-A", "WITH_NATIVE_ROUTING")}
     config = write_bridge_config(
         workdir / "tlsbridge.toml", tls_port=tls_port, hairpin_port=hairpin_port,
         sip_port=sip_port,
@@ -68,7 +75,7 @@ def start_stack(
     try:
         if with_kamailio:
             kamailio = Kamailio(workdir, sip_port=sip_port, hairpin_port=hairpin_port,
-                                tls_port=tls_port, bridge_config=config)
+                                tls_port=tls_port, bridge_config=config, **routing)
         daemon = Daemon(workdir, config)
         daemon.wait_ready()
         if kamailio:
@@ -91,8 +98,9 @@ def stop_stack(stack: Stack) -> None:
 
 
 ENGINES = [name for name, reason in available().items() if reason is None]
-# "openssl-x2": the openssl engine with a supervisor and two worker processes.
-VARIANTS = [*ENGINES, "openssl-x2"]
+# "openssl-x2": the openssl engine with a supervisor and two worker processes;
+# "openssl-native": Kamailio routing in native cfg (routing-native.cfg) instead of KEMI.
+VARIANTS = [*ENGINES, "openssl-x2", "openssl-native"]
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
