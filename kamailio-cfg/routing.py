@@ -22,6 +22,7 @@ from tlsbridge.kemi.bridge import default_config_path
 # Reads the daemon's tlsbridge.toml (beside this script, or $TLSBRIDGE_CONFIG) for the hairpin
 # address and the ZeroMQ endpoints. Sockets are created later, in each process.
 bridge = TlsBridge(default_config_path(__file__))
+RR_PRELOADED = -3  # rr's loose_route(): the next hop came from a Route the request arrived with
 
 
 def mod_init():
@@ -51,6 +52,9 @@ class kamailio:
     # -- SIP requests -----------------------------------------------------------------------
 
     def ksr_request_route(self, msg):
+        if bridge.cluster and KSR.pv.get("$rm") == "KDMQ":
+            KSR.dmq.handle_message()  # registrations shared between the nodes
+            return 1
         bridge.protect_replies()
         if self.ksr_route_reqinit(msg) == -255:
             return 1
@@ -69,6 +73,13 @@ class kamailio:
         if KSR.tm.t_check_trans() == 0:
             return 1
 
+        if bridge.cluster and KSR.dmq.is_from_node() and KSR.rr.loose_route() == RR_PRELOADED:
+            # Another node routes a call here by the Path of a phone registered here; path's
+            # use_received made its received address the destination.
+            if KSR.is_method_in("IS"):
+                bridge.record_route()
+            self.ksr_route_relay(msg)
+            return 1
         KSR.hdr.remove("Route")
         if KSR.is_method_in("IS"):
             # Per branch: TLS peers see the public TLS address, others Kamailio's own.

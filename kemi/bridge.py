@@ -90,6 +90,7 @@ class TlsBridge(RoutingMixin):
         lookup_socket: str | None = None,
         facts_map: str | None = None,
         facts_in_htable: bool = False,
+        cluster: bool | None = None,
     ) -> None:
         settings_trunks: dict[str, Trunk] = {}
         self.run_dir = Path(DEFAULT_RUN_DIR)
@@ -102,6 +103,7 @@ class TlsBridge(RoutingMixin):
             events = events or settings.events_endpoint
             tls_public = tls_public if tls_public is not None else settings.tls_public
             sip_address = sip_address or settings.sip_address
+            cluster = settings.cluster if cluster is None else cluster
             settings_trunks = settings.trunks
             self.run_dir = settings.run_dir
             lookup_socket = lookup_socket if lookup_socket is not None else settings.lookup_socket
@@ -121,6 +123,8 @@ class TlsBridge(RoutingMixin):
         self._continuing: tuple[float, dict[str, Any], Outcome] | None = None
         self.tls_public = dict(tls_public or {})
         self.sip_address = sip_address
+        # One node of several sharing registrations: see RoutingMixin.prepare_register.
+        self.cluster = bool(cluster)
         self.received_avp = received_avp
         self.hairpin = hairpin
         self.control_endpoint = control

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from tlsbridge.kemi.uri import SipUri, parse_uri
 from tlsbridge.shared import control as ctl
@@ -55,6 +56,7 @@ class RoutingMixin:
     tls_public: dict[str, str]
     hairpin: tuple[str, int]
     sip_address: str | None
+    cluster: bool
     received_avp: str
     trunks: dict[str, Trunk]
     htable: str
@@ -76,12 +78,32 @@ class RoutingMixin:
 
     def prepare_register(self) -> None:
         """Before `registrar.save()`: a REGISTER from the bridge is reached back over its
-        hairpin, whatever its Contact says (needs registrar's `received_avp` modparam)."""
-        if not self.from_bridge():
+        hairpin, whatever its Contact says (needs registrar's `received_avp` modparam). In a
+        cluster every registration also gets a Path naming this node (see `_add_path`)."""
+        KSR = _ksr()
+        from_bridge = self.from_bridge()
+        if not from_bridge and not self.cluster:
             return
-        pv = _ksr().pv
-        peer = _hostport(str(pv.get("$si")), int(pv.get("$sp")))
-        pv.sets(self.received_avp, f"sip:{peer};transport=tls")
+        peer = _hostport(str(KSR.pv.get("$si")), int(KSR.pv.get("$sp")))
+        if from_bridge:
+            received = f"sip:{peer};transport=tls"
+            KSR.pv.sets(self.received_avp, received)
+        else:
+            proto = str(KSR.pv.get("$pr") or "udp").lower()
+            received = f"sip:{peer}" + ("" if proto == "udp" else f";transport={proto}")
+        if self.cluster and self.sip_address:
+            self._add_path(received)
+
+    def _add_path(self, received: str) -> None:
+        """The other nodes learn the registration from DMQ and must route its requests here,
+        where the phone's connection (or NAT binding) is: registrar stores this Path with it
+        (use_path); lookup() on this node skips it for the received address
+        (path_check_local), on the others it sends to this node, which relays to `received`
+        (path's use_received)."""
+        KSR = _ksr()
+        KSR.hdr.insert(f"Path: <sip:{self.sip_address};lr;received="
+                       f"{quote(received, safe='')}>\r\n")
+        KSR.textopsx.msg_apply_changes()  # save() reads the Path from the message
 
     def record_route(self) -> None:
         """Instead of `rr.record_route()` for initial requests: the Record-Route is written per
@@ -160,18 +182,22 @@ class RoutingMixin:
             return None
         routes = str(KSR.pv.get("$(hdr(Route)[*])") or "")
         for route in _ROUTE.findall(routes):
-            params = parse_uri(route).params if PIN_DOWN in route or PIN_UP in route else None
-            if params is None:
+            # Only our own entries: another proxy's (another node's) pins name its hairpins.
+            if (PIN_DOWN not in route and PIN_UP not in route) or not KSR.is_myself(route):
                 continue
+            params = parse_uri(route).params
             downstream = params.get("ftag") == str(KSR.pv.get("$ft") or "")
             return params.get(PIN_DOWN if downstream else PIN_UP) or None
         return None
 
     def _registered_here(self) -> bool:
-        """A destination from lookup() of a phone registered over a hairpin keeps the hairpin
-        listener as its send socket: such a phone is reached over its own connection, never
-        dialled."""
-        return str(_ksr().pv.get("$fs") or "") == f"tcp:{format_addr(*self.hairpin)}"
+        """A phone registered over the bridge is reached over its own connection, never
+        dialled. After lookup() its destination keeps the hairpin listener as send socket;
+        routed here by another node of a cluster, it came as the `received` of our Path."""
+        KSR = _ksr()
+        if str(KSR.pv.get("$fs") or "") == f"tcp:{format_addr(*self.hairpin)}":
+            return True
+        return self.cluster and "received=" in str(KSR.pv.get("$(hdr(Route)[0])") or "")
 
     def _over_hairpin(self, peer: str) -> None:
         KSR = _ksr()
