@@ -78,17 +78,18 @@ def test_the_publisher_sends_only_what_is_subscribed(tmp_path: Path) -> None:
     async def main() -> list[list[bytes]]:
         server = Server(config)
         server._start_parts({})
-        hub = server.publisher
+        publisher = server.publisher
         sub = zmq.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"conn.closed.out")
         sub.connect(config.events_endpoint)
         got: list[list[bytes]] = []
         try:
-            await until(lambda: hub.sink is not None and hub.sink.wants("conn.closed.out"))
+            sink = publisher.sink
+            await until(lambda: sink is not None and sink.wants("conn.closed.out"))
             for _ in range(3):
-                hub.publish(ev.ConnClosed(IN, "closed", 0, 0, 0.0))
-                hub.publish(ev.ConnClosed(OUT, "closed", 0, 0, 0.0, keys=[]))
-                hub.publish(ev.TlsEstablished(IN, {}))
+                publisher.publish(ev.ConnClosed(IN, "closed", 0, 0, 0.0))
+                publisher.publish(ev.ConnClosed(OUT, "closed", 0, 0, 0.0, keys=[]))
+                publisher.publish(ev.TlsEstablished(IN, {}))
             while len(got) < 3:
                 await until(lambda: bool(sub.poll(0)))
                 got.append(sub.recv_multipart())

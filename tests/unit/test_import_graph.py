@@ -1,10 +1,15 @@
-"""The import graph of the product's packages has no cycle where it is checked.
+"""The import graph of the product's packages: no cycle anywhere, and the layers hold.
+
+- `daemon` and `kemi` never import each other: they meet only through `shared`;
+- nothing under `shared` imports `daemon` or `kemi`;
+- the layer a connection lives in never imports the multi-process layer (`supervisors`);
+- no engine imports the registry that chooses among them.
 
 Every module's imports are read with `ast` (nothing is imported), including those inside
 functions and under TYPE_CHECKING: an import deferred into a function still makes the two
 modules depend on each other. The package folders come from pyproject.toml's `package-dir`, so
 the graph covers every module of `daemon/`, `kemi/` and `shared/`; `CHECKED` says where a cycle
-fails the test, and widening it to ("tlsbridge",) covers the whole product.
+fails the test: the whole product.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 # A cycle through any module under these names fails.
-CHECKED = ("tlsbridge.daemon.engines", "tlsbridge.daemon.tls_context",
-           "tlsbridge.daemon.certinfo")
+CHECKED = ("tlsbridge",)
+DAEMON, KEMI, SHARED = "tlsbridge.daemon", "tlsbridge.kemi", "tlsbridge.shared"
+SUPERVISORS = "tlsbridge.daemon.supervisors"
+ABOVE_SUPERVISORS = ("tlsbridge.daemon.cli",)  # the command line that starts one
 
 Graph = dict[str, set[str]]
 
@@ -144,6 +151,27 @@ def test_no_import_cycle_through_the_checked_modules(graph: Graph) -> None:
         f"{', '.join(c)} (e.g. {' -> '.join(path_through(graph, c))})" for c in bad)
 
 
+def imports_from(graph: Graph, src: Iterable[str], dst: Iterable[str]) -> list[str]:
+    """Every edge from a module under `src` to one under `dst`, as "a -> b"."""
+    return sorted(f"{m} -> {d}" for m, deps in graph.items() if under(m, src)
+                  for d in deps if under(d, dst))
+
+
+def test_daemon_and_kemi_never_import_each_other(graph: Graph) -> None:
+    assert not imports_from(graph, (DAEMON,), (KEMI,))
+    assert not imports_from(graph, (KEMI,), (DAEMON,))
+
+
+def test_shared_imports_neither_side(graph: Graph) -> None:
+    assert not imports_from(graph, (SHARED,), (DAEMON, KEMI))
+
+
+def test_the_connection_layer_does_not_reach_up_into_the_supervisors(graph: Graph) -> None:
+    up = [edge for edge in imports_from(graph, (DAEMON,), (SUPERVISORS,))
+          if not under(edge.split(" -> ")[0], (SUPERVISORS, *ABOVE_SUPERVISORS))]
+    assert not up
+
+
 def test_no_engine_imports_the_registry_back(graph: Graph) -> None:
     registry = "tlsbridge.daemon.engines.registry"
     back = sorted(m for m, deps in graph.items() if registry in deps
@@ -152,13 +180,16 @@ def test_no_engine_imports_the_registry_back(graph: Graph) -> None:
 
 
 def test_the_walk_sees_the_imports(graph: Graph) -> None:
-    # Guards the two tests above against passing on an empty or wrong graph.
+    # Guards the tests above against passing on an empty or wrong graph.
     engines = "tlsbridge.daemon.engines"
     assert {f"{engines}.openssl", f"{engines}.checks", f"{engines}.base"} <= graph[
         f"{engines}.registry"]
     # Imported inside a function: counted.
     assert f"{engines}.gnutls" in graph[f"{engines}.registry"]
     assert f"{engines}.gnutls.binding" in graph[f"{engines}.gnutls.session"]
+    assert f"{DAEMON}.relaycore" in graph[f"{DAEMON}.relay"]
+    assert f"{KEMI}.routing" in graph[f"{KEMI}.bridge"]
+    assert f"{DAEMON}.supervisors.multiprocess" in graph[f"{DAEMON}.cli"]
 
 
 # ---- the walker itself ------------------------------------------------------------------

@@ -61,9 +61,9 @@ def sup(tmp_path: Path) -> Broker:
 
 
 def test_a_worker_notes_each_event_about_a_connection(worker: Worker) -> None:
-    hub, sink = worker
-    hub.publish(ev.ConnClosed(IN, "peer_closed", 10, 20, 1.0))
-    hub.publish(ev.CertExpiring("profile.default", "/c.pem", "2030-01-01", 3.0))
+    publisher, sink = worker
+    publisher.publish(ev.ConnClosed(IN, "peer_closed", 10, 20, 1.0))
+    publisher.publish(ev.CertExpiring("profile.default", "/c.pem", "2030-01-01", 3.0))
     closed, expiring = sink.sent
     assert decode_note(closed[2]) == (3, "127.0.0.1:41001", "peer_closed", 10, 20)
     assert len(expiring) == 2  # about no connection: nothing to note
@@ -78,11 +78,11 @@ def test_a_note_that_is_not_one_is_refused(junk: bytes) -> None:
 
 
 def test_books_kept_from_the_notes(worker: Worker, sup: Broker) -> None:
-    hub, sink = worker
+    publisher, sink = worker
     assert sup._admit("198.51.100.7", IN.id) is None
-    hub.publish(ev.TlsEstablished(IN, FACTS))
-    hub.publish(ev.TlsEstablished(OUT, FACTS))
-    hub.publish(ev.OutboundReady(OUT, FACTS, "203.0.113.9:5061", {}, "trunk-a", []))
+    publisher.publish(ev.TlsEstablished(IN, FACTS))
+    publisher.publish(ev.TlsEstablished(OUT, FACTS))
+    publisher.publish(ev.OutboundReady(OUT, FACTS, "203.0.113.9:5061", {}, "trunk-a", []))
     for frames in sink.sent:
         sup._republish(frames)
     assert sup.by_hairpin == {"127.0.0.1:41001": 3, "127.0.0.1:41002": 5}
@@ -96,9 +96,9 @@ def test_books_kept_from_the_notes(worker: Worker, sup: Broker) -> None:
     assert sup.admission.active == 1
 
     sink.sent.clear()
-    hub.publish(ev.ConnClosed(IN, "peer_closed", 10, 20, 1.0))
-    hub.publish(ev.ConnClosed(OUT, "closed", 1, 2, 1.0, keys=[]))
-    hub.publish(ev.TlsFailed(ConnRef(id=7, peer="192.0.2.1:1", direction="in"),
+    publisher.publish(ev.ConnClosed(IN, "peer_closed", 10, 20, 1.0))
+    publisher.publish(ev.ConnClosed(OUT, "closed", 1, 2, 1.0, keys=[]))
+    publisher.publish(ev.TlsFailed(ConnRef(id=7, peer="192.0.2.1:1", direction="in"),
                              "handshake_failed", "no shared cipher"))
     for frames in sink.sent:
         sup._republish(frames)
@@ -118,8 +118,8 @@ def test_books_kept_from_the_notes(worker: Worker, sup: Broker) -> None:
 def test_a_worker_event_that_is_not_one_loses_nothing_else(
     worker: Worker, sup: Broker, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    hub, sink = worker
-    hub.publish(ev.TlsEstablished(IN, FACTS))
+    publisher, sink = worker
+    publisher.publish(ev.TlsEstablished(IN, FACTS))
     good = sink.sent[0]
     sup._republish([good[0], good[1], b"\xc1"])
     sup._republish([b"conn.closed.out", b"\xc1", encode_note(OUT, {"reason": "closed"})])
