@@ -55,8 +55,14 @@ class RoutingMixin:
     trunks: dict[str, Trunk]
     htable: str
     _outcomes: dict[tuple[int, int], Outcome]
+    _in_branch = False  # prepare_branch() is running: no replies from here
+
+    wss_public: dict[str, str]
 
     def from_bridge(self) -> bool: ...  # provided by TlsBridge
+    if TYPE_CHECKING:  # WebSocketMixin's, later in TlsBridge's MRO: no stubs to shadow them
+        def from_websocket(self) -> bool: ...
+        def ws_address(self, listener: str | None = None) -> str | None: ...
     def connection(self) -> BridgeConnection | None: ...  # provided by TlsBridge
     @property
     def control(self) -> ControlClient: ...  # provided by TlsBridge
@@ -77,6 +83,10 @@ class RoutingMixin:
             return
         pv = _ksr().pv
         peer = _hostport(str(pv.get("$si")), int(pv.get("$sp")))
+        if self.from_websocket():
+            # A browser: Kamailio finds its WebSocket by this address (fix_nated_register).
+            pv.sets(self.received_avp, f"sip:{peer};transport=ws")
+            return
         pv.sets(self.received_avp, f"sip:{peer};transport=tls;{MARK}=in")
 
     def record_route(self) -> None:
@@ -114,6 +124,8 @@ class RoutingMixin:
         connection or not at all). Idempotent; also call it from the branch route."""
         KSR = _ksr()
         uri = self._target()
+        if uri is not None and uri.transport in ("ws", "wss"):
+            return self._to_browser(uri)
         if uri is None or uri.params.get(MARK) == "ok" or not uri.is_tls:
             return RELAY
         outcome = self._current_outcome()
@@ -141,6 +153,18 @@ class RoutingMixin:
             self._over_hairpin(peer)
             return RELAY
         return self._connect_and_suspend(uri.host, port, sni, profile, resume_route)
+
+    def _to_browser(self, uri: SipUri) -> int:
+        """A browser is reached over its own WebSocket or not at all: never dialled. Without
+        its connection tm could not even build the Via (it would answer 500); say 480."""
+        KSR = _ksr()
+        KSR.set_forward_no_connect()
+        # In the branch route, or with other branches to try, tm fails this branch alone.
+        if self._in_branch or int(KSR.pv.get("$branch(count)") or 0) > 0 or \
+                KSR.x.modf("tcp_get_conid", uri.hostport, "$var(tlsb_conid)") > 0:
+            return RELAY
+        KSR.sl.send_reply(480, "Temporarily Unavailable (WebSocket gone)")
+        return FAILED
 
     def _dialog_peer(self) -> str | None:
         """In a dialog set up over the bridge, requests towards the callee stay on the
@@ -205,7 +229,11 @@ class RoutingMixin:
     def prepare_branch(self) -> int:
         """Call from the branch route (`KSR.tm.t_on_branch`): decides this branch's transport
         and writes its Record-Route when `record_route()` asked for one."""
-        self.prepare_relay()
+        self._in_branch = True
+        try:
+            self.prepare_relay()
+        finally:
+            self._in_branch = False
         uri = self._target()
         tls_out = uri is not None and uri.params.get(MARK) == "ok"
         if _ksr().pv.get(RR_XAVP):
@@ -218,6 +246,13 @@ class RoutingMixin:
         found = self.connection()
         inside = self._tls_address(found) if found else self._sip_in()
         outside = self._tls_address(None) if tls_out else (self._sip_out() or inside)
+        # Browsers see the public WSS address (never the hairpin), on either side.
+        ws_in = self._ws_side(found.conn.listener if found else None)
+        if ws_in is not None:
+            inside = ws_in
+        target = self._target()
+        if not tls_out and target is not None and target.transport in ("ws", "wss"):
+            outside = self.ws_address() or outside
         if outside is None or inside is None:
             _ksr().err("tlsbridge: no address for Record-Route across transports: "
                        "set [kamailio] sip_address in tlsbridge.toml\n")
@@ -229,6 +264,13 @@ class RoutingMixin:
             target = self._target()
             pin = target.hostport if target else None
         _ksr().hdr.insert(record_route_headers(hops, _ksr().pv.get("$ft"), pin))
+
+    def _ws_side(self, listener: str | None) -> str | None:
+        """The Record-Route address of a browser's side: the public WSS address of the
+        listener it came through (None: it did not come through a WSS listener)."""
+        if listener is None or listener not in self.wss_public:
+            return None
+        return self.ws_address(listener)
 
     def _target(self) -> SipUri | None:
         pv = _ksr().pv

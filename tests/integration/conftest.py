@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +54,7 @@ class Stack:
 def start_stack(
     workdir: Path, certs: dict[str, Path], *, with_kamailio: bool = True, extra: str = "",
     engine: str = "openssl", listener_extra: str = "", daemon_extra: str = "",
+    kamailio_args: Sequence[str] = (),
 ) -> Stack:
     tls_port, sip_port, hairpin_port = (free_tcp_udp_port() for _ in range(3))
     engine, _, workers = engine.partition("-x")
@@ -68,7 +69,8 @@ def start_stack(
     try:
         if with_kamailio:
             kamailio = Kamailio(workdir, sip_port=sip_port, hairpin_port=hairpin_port,
-                                tls_port=tls_port, bridge_config=config)
+                                tls_port=tls_port, bridge_config=config,
+                                extra_args=kamailio_args)
         daemon = Daemon(workdir, config)
         daemon.wait_ready()
         if kamailio:
