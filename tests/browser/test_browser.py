@@ -1,0 +1,166 @@
+"""A browser phone (SIP.js in headless Chromium) registers over WSS through the bridge, is called
+by a UDP phone and answers, calls a UDP and a TLS phone, hangs up and is hung up on, and a call
+to it after its tab closed fails at once, never in plaintext."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.browser.conftest import Tab, WebPhone
+from tests.integration.test_websocket import WssStack, rr_of
+from tests.support.sip import TlsUA, UdpUA
+from tests.support.ua import SipUA
+from tests.support.webrtc import webrtc_answer, webrtc_offer
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
+
+
+def uniq(name: str) -> str:
+    return f"{name}{time.monotonic_ns() % 10**9}"
+
+
+@pytest.fixture
+def phones(wss: WssStack, chrome, webphone: WebPhone,  # type: ignore[no-untyped-def]
+           request: pytest.FixtureRequest) -> Iterator:
+    """Makes browser tabs and SIP phones (WebRTC SDP); closes all and prints logs on failure."""
+    tabs: list[Tab] = []
+    uas: list[SipUA] = []
+    stack = wss.stack
+
+    def browser(user: str) -> Tab:
+        tab = Tab(chrome, f"{webphone.url}?server=wss://127.0.0.1:{wss.wss_port}/")
+        tabs.append(tab)
+        tab.run(f"window.phone.register('wss://127.0.0.1:{wss.wss_port}/',"
+                f" 'sip:{user}@127.0.0.1')")
+        tab.wait_event("registration Registered")
+        return tab
+
+    def phone(user: str, proto: str) -> SipUA:
+        if proto == "tls":
+            ua = SipUA(user, domain="localhost", proxy=stack.tls_addr,
+                       tls=TlsUA(*stack.tls_addr, ca=stack.ca))
+        else:
+            ua = SipUA(user, domain="localhost", proxy=("127.0.0.1", stack.sip_port),
+                       udp=UdpUA())
+        ua.sdp = webrtc_answer  # an offer when calling, an answer to a browser's offer
+        uas.append(ua)
+        return ua
+
+    yield browser, phone
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        for tab in tabs:
+            print(f"--- page log ---\n{tab.events()}")
+        for proc in (stack.daemon, stack.kamailio):
+            if proc is not None:
+                print(f"--- {proc.name} log ---\n{proc.tail(60)}")
+    for tab in tabs:
+        if tab.handle in chrome.window_handles:
+            tab.close()
+    for ua in uas:
+        ua.close()
+
+
+def test_browser_registers_over_wss(wss: WssStack, phones) -> None:
+    browser, _ = phones
+    user = uniq("reg")
+    browser(user)
+    # The daemon saw one more TLS connection on the WSS listener, as for any TLS peer.
+    est = wss.stack.events.wait_for(
+        lambda e: e.type == "tls.established"
+        and e.conn.listener == f"127.0.0.1:{wss.wss_port}")
+    assert est.fields["tls"]["version"] in ("TLSv1.2", "TLSv1.3")
+
+
+@pytest.mark.parametrize("bye_from", ["browser", "phone"])
+def test_udp_phone_calls_browser_and_it_answers(wss: WssStack, phones, bye_from: str) -> None:
+    browser, phone = phones
+    user = uniq("web")
+    tab = browser(user)
+    caller = phone(uniq("udp"), "udp")
+    caller.sdp = webrtc_offer()
+    d = caller.invite(f"sip:{user}@127.0.0.1:{wss.stack.sip_port}")
+    tab.wait_event(f"incoming sip:{caller.user}@localhost")
+    tab.run("window.phone.answer()")
+    ok = caller.wait_answer(d)
+    assert b"UDP/TLS/RTP/SAVPF" in ok.body  # the browser's own answer
+    tab.wait_event("in Established")
+    # The browser saw the public WSS address on top of the Record-Route, not the hairpin.
+    rr = rr_of(tab.driver.execute_script("return window.phone.lastRecordRoute"))
+    assert rr[0].startswith(f"<sip:{wss.wss_rr};lr;r2=on"), rr
+    if bye_from == "browser":
+        tab.run("window.phone.hangup()")
+        bye = caller.take_bye()
+        assert bye.get("Call-ID") == d.call_id
+        tab.wait_event("in Terminated")
+    else:
+        caller.bye(d)
+        tab.wait_event("in Terminated")
+        assert caller.expect(status=200).get("CSeq").endswith("BYE")
+
+
+@pytest.mark.parametrize(("proto", "bye_from"), [("udp", "browser"), ("tls", "phone"),
+                                                 ("tls", "browser")])
+def test_browser_calls_phone(wss: WssStack, phones, proto: str, bye_from: str) -> None:
+    browser, phone = phones
+    tab = browser(uniq("web"))
+    callee = phone(uniq(proto), proto)
+    assert callee.register().status == 200
+    tab.run(f"window.phone.call('sip:{callee.user}@127.0.0.1')")
+    d, inv = callee.answer()
+    assert b"UDP/TLS/RTP/SAVPF" in inv.body  # the browser's WebRTC offer
+    # The phone sees its own side on top, the browser's public WSS address below.
+    rr = rr_of(inv.get_all("Record-Route"))
+    assert len(rr) == 2 and rr[1].startswith(f"<sip:{wss.wss_rr};"), rr
+    callee.expect(method="ACK")
+    tab.wait_event("out Established")
+    if bye_from == "browser":
+        tab.run("window.phone.hangup()")
+        callee.take_bye()
+        tab.wait_event("out Terminated")
+    else:
+        callee.bye(d)
+        tab.wait_event("out Terminated")
+        assert callee.expect(status=200).get("CSeq").endswith("BYE")
+
+
+def test_call_after_tab_closed_fails_cleanly(wss: WssStack, phones) -> None:
+    browser, phone = phones
+    user = uniq("gone")
+    tab = browser(user)
+    # The browser's address, as Kamailio knows it: the peer of the WSS connection just made.
+    est = [e for e in wss.stack.events.of("tls.established")
+           if e.conn.listener == f"127.0.0.1:{wss.wss_port}"][-1]
+    host, port = est.conn.peer.rsplit(":", 1)
+    tab.close()
+    wss.stack.events.wait_for(lambda e: e.type == "conn.closed" and e.conn.id == est.conn.id)
+    # A plaintext listener on the browser's address: Kamailio must never connect to it.
+    trap = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    trap.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    for _ in range(100):
+        try:
+            trap.bind((host, int(port)))
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        trap.close()
+        pytest.fail(f"could not bind the trap on {host}:{port}: the test would prove nothing")
+    trap.listen(8)
+    trap.settimeout(0.5)
+    try:
+        caller = phone(uniq("udp"), "udp")
+        caller.sdp = webrtc_offer()
+        started = time.monotonic()
+        d = caller.invite(f"sip:{user}@127.0.0.1:{wss.stack.sip_port}")
+        final = caller.expect(status=480, timeout=5)
+        assert final.get("Call-ID") == d.call_id
+        assert time.monotonic() - started < 2.0  # at once, not after a timer
+        with pytest.raises(TimeoutError):
+            trap.accept()
+    finally:
+        trap.close()
