@@ -7,8 +7,8 @@ VENV     := $(ROOT)/.venv
 PY       := $(VENV)/bin/python
 RUN      := $(ROOT)/run
 CFG      := $(ROOT)/kamailio-cfg
-APT_PKGS := kamailio kamailio-python3-modules kamailio-websocket-modules python3-venv openssl \
-            gnutls-bin chromium chromium-driver
+APT_PKGS := kamailio kamailio-python3-modules kamailio-tls-modules kamailio-websocket-modules \
+            python3-venv openssl gnutls-bin chromium chromium-driver
 PYTEST_ARGS ?=
 
 .PHONY: help deps venv certs up down status test test-long lint bench clean webphone
