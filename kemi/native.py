@@ -87,11 +87,14 @@ class NativeBridge:
         pv = _ksr().pv
         pv.unset(f"$xavp({XAVP})")
         # xavp assignment adds in front: set in reverse so that index 0 is the first value.
-        for name, value in reversed(facts_vars(found)):
+        # `$xavp(tls=>x)` without an index starts a new `tls` item: only the first assignment
+        # may, the others add to it (`tls[0]=>`), or each item would hold one field.
+        for i, (name, value) in enumerate(reversed(facts_vars(found))):
+            key = f"$xavp({XAVP}=>{name})" if i == 0 else f"$xavp({XAVP}[0]=>{name})"
             if isinstance(value, int):
-                pv.seti(f"$xavp({XAVP}=>{name})", value)
+                pv.seti(key, value)
             else:
-                pv.sets(f"$xavp({XAVP}=>{name})", value)
+                pv.sets(key, value)
         return 1
 
     def tlsb_register(self, msg: Any, arg: str | None = None) -> int:
@@ -122,6 +125,18 @@ class NativeBridge:
         """In the branch route: this branch's transport and Record-Route."""
         self.bridge.prepare_branch()
         return 1
+
+    def tlsb_ws_handshake(self, msg: Any, arg: str | None = None) -> int:
+        """In event_route[xhttp:request]: a browser's WebSocket upgrade is accepted (through a
+        WSS listener of the bridge, from an Origin it allows) or refused (403; 404 for plain
+        HTTP). Follow it with `exit`."""
+        self.bridge.ws_handshake()
+        return 1
+
+    def tlsb_websocket(self, msg: Any, arg: str | None = None) -> int:
+        """True when the request or reply came from a browser over the bridge (Kamailio's
+        $proto says "ws", never "wss": it sees no TLS)."""
+        return 1 if self.bridge.from_websocket() else -1
 
     def tlsb_timer(self, msg: Any, arg: str | None = None) -> int:
         """The rtimer route: the daemon's events (outbound connects continue here)."""

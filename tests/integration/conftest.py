@@ -54,7 +54,8 @@ class Stack:
 def start_stack(
     workdir: Path, certs: dict[str, Path], *, with_kamailio: bool = True, extra: str = "",
     engine: str = "openssl", listener_extra: str = "", daemon_extra: str = "",
-    kamailio_args: Sequence[str] = (),
+    kamailio_args: Sequence[str] = (), kamailio_cfg: Path | None = None,
+    kamailio_script: Path | None = None,
 ) -> Stack:
     tls_port, sip_port, hairpin_port = (free_tcp_udp_port() for _ in range(3))
     engine, _, workers = engine.partition("-x")
@@ -70,7 +71,9 @@ def start_stack(
         if with_kamailio:
             kamailio = Kamailio(workdir, sip_port=sip_port, hairpin_port=hairpin_port,
                                 tls_port=tls_port, bridge_config=config,
-                                extra_args=kamailio_args)
+                                extra_args=kamailio_args,
+                                **({"cfg": kamailio_cfg} if kamailio_cfg else {}),
+                                **({"script": kamailio_script} if kamailio_script else {}))
         daemon = Daemon(workdir, config)
         daemon.wait_ready()
         if kamailio:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import Stack, start_stack, stop_stack
-from tests.support.procs import free_tcp_udp_port
+from tests.support.procs import CFG, ROOT, free_tcp_udp_port
 from tests.support.sip import TlsUA, UdpUA
 from tests.support.ua import SipUA
 from tests.support.ws import HandshakeRefused, WssClient, WsSipUA
@@ -23,6 +23,7 @@ from tests.support.ws import HandshakeRefused, WssClient, WsSipUA
 pytestmark = [pytest.mark.integration]
 
 ORIGIN = "https://phone.example"
+NATIVE_CFG = ROOT / "tests" / "data" / "native" / "wss.cfg"
 
 
 @dataclass
@@ -47,16 +48,23 @@ def wss_listener(port: int, origins: list[str] | None) -> str:
 
 
 def start_wss_stack(workdir: Path, certs: dict[str, Path], origins: list[str] | None,
-                    engine: str = "openssl") -> WssStack:
+                    engine: str = "openssl", routing: str = "kemi") -> WssStack:
+    """The stack with a WSS listener; `routing` "kemi" is the reference cfg and routing.py,
+    "native" tests/data/native/wss.cfg calling tlsbridge_native.py with python_exec."""
     port = free_tcp_udp_port()
+    native = {"kamailio_cfg": NATIVE_CFG, "kamailio_script": CFG / "tlsbridge_native.py"} \
+        if routing == "native" else {}
     stack = start_stack(workdir, certs, extra=wss_listener(port, origins), engine=engine,
-                        kamailio_args=["-A", f"WSS_PORT={port}"])
+                        kamailio_args=["-A", f"WSS_PORT={port}"], **native)
     return WssStack(stack, port)
 
 
-@pytest.fixture(scope="module")
-def wss(tmp_path_factory: pytest.TempPathFactory, certs: dict[str, Path]) -> Iterator[WssStack]:
-    s = start_wss_stack(tmp_path_factory.mktemp("wss"), certs, [ORIGIN])
+@pytest.fixture(scope="module", params=["kemi", "native"])
+def wss(tmp_path_factory: pytest.TempPathFactory, certs: dict[str, Path],
+        request: pytest.FixtureRequest) -> Iterator[WssStack]:
+    """Every test runs with KEMI routing (the reference) and with native cfg routing."""
+    s = start_wss_stack(tmp_path_factory.mktemp(f"wss-{request.param}"), certs, [ORIGIN],
+                        routing=request.param)
     yield s
     stop_stack(s.stack)
 

@@ -106,12 +106,12 @@ class Kamailio(Proc):
         self, workdir: Path, *, sip_port: int, hairpin_port: int, tls_port: int,
         bridge_config: Path, script: Path = CFG / "routing.py", children: int = 2,
         extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
-        venv: str = sys.prefix,
+        venv: str = sys.prefix, cfg: Path = CFG / "kamailio.cfg",
     ) -> None:
         self.sip_port, self.hairpin_port = sip_port, hairpin_port
         self.ctl = f"unix:{workdir}/kamailio_ctl"
         argv = [
-            "kamailio", "-f", str(CFG / "kamailio.cfg"), "-DD", "-E",
+            "kamailio", "-f", str(cfg), "-DD", "-E",
             "-A", f"SIP_PORT={sip_port}", "-A", f"HAIRPIN_PORT={hairpin_port}",
             "-A", f"TLS_PORT={tls_port}", "-A", f"CHILDREN={children}",
             "-A", f'KEMI_SCRIPT="{script}"', "-A", f'CTL_SOCKET="{self.ctl}"',
