@@ -179,7 +179,7 @@ class TlsBridge(RoutingMixin, WebSocketMixin):
                 return []
         settings = BridgeSettings(self.run_dir, self.hairpin, self.events_endpoint,
                                   self.control_endpoint, tls_public=self.tls_public,
-                                  sip_address=self.sip_address)
+                                  sip_address=self.sip_address, wss_public=self.wss_public)
         findings = review_cfg(cfg, settings, self.received_avp)
         if self.sip_address is None:
             self.sip_address = udp_address(cfg)

@@ -116,3 +116,30 @@ def test_origins_are_reread_when_the_file_changes(etc: Path, ksr: Any) -> None: 
     bridge._reread_ws_settings()
     assert bridge.wss_origins == {"0.0.0.0:8443": ("https://new.example",)}
     assert any("not re-read" in text for _, text in ksr.logs)
+
+
+REFERENCE_CFG = Path(__file__).resolve().parents[2] / "kamailio-cfg" / "kamailio.cfg"
+NATIVE_CFG = Path(__file__).resolve().parents[2] / "tests" / "data" / "native" / "wss.cfg"
+
+
+@pytest.mark.parametrize(("cfg_file", "old", "new", "message"), [
+    (REFERENCE_CFG, 'loadmodule "websocket.so"', "", "websocket not loaded"),
+    (REFERENCE_CFG, "tcp_accept_no_cl=yes", "", "tcp_accept_no_cl is not yes"),
+    (REFERENCE_CFG, 'modparam("xhttp", "event_callback", "ksr_xhttp_event")', "",
+     "event_callback"),
+    (REFERENCE_CFG, "alias=WSS_IP:WSS_PORT", "alias=tcp:WSS_IP:WSS_PORT", "no alias=127.0.0.1"),
+    (NATIVE_CFG, 'python_exec("tlsb_ws_handshake");', "ws_handle_handshake();",
+     'no python_exec("tlsb_ws_handshake")'),
+])
+def test_review_of_kamailio_cfg_for_wss(etc: Path, cfg_file: Path, old: str, new: str,  # noqa: F811
+                                        message: str) -> None:
+    from tlsbridge.shared.kamcfg import parse_cfg
+    from tlsbridge.shared.kamreview import errors, review_cfg
+
+    settings = load_settings(write(etc, VALID.replace("0.0.0.0:5061", "127.0.0.1:5061") +
+                                   '\n[[listener]]\naddress = "127.0.0.1:8443"\n'
+                                   'transport = "wss"\n'))
+    text = cfg_file.read_text()
+    assert not [e for e in errors(review_cfg(parse_cfg(text), settings)) if "WSS" in e]
+    broken = errors(review_cfg(parse_cfg(edit(text, old, new)), settings))
+    assert any(message in e for e in broken), broken
