@@ -55,7 +55,7 @@ def start_stack(
     workdir: Path, certs: dict[str, Path], *, with_kamailio: bool = True, extra: str = "",
     engine: str = "openssl", listener_extra: str = "", daemon_extra: str = "",
     kamailio_args: Sequence[str] = (), kamailio_cfg: Path | None = None,
-    kamailio_script: Path | None = None,
+    kamailio_script: Path | None = None, kamailio_extra: str = "",
 ) -> Stack:
     tls_port, sip_port, hairpin_port = (free_tcp_udp_port() for _ in range(3))
     engine, _, workers = engine.partition("-x")
@@ -63,7 +63,7 @@ def start_stack(
         workdir / "tlsbridge.toml", tls_port=tls_port, hairpin_port=hairpin_port,
         sip_port=sip_port,
         certs=certs, run_dir=workdir, extra=extra, engine=engine, listener_extra=listener_extra,
-        workers=int(workers or 1), daemon_extra=daemon_extra,
+        workers=int(workers or 1), daemon_extra=daemon_extra, kamailio_extra=kamailio_extra,
     )
     kamailio = None
     daemon = None

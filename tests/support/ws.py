@@ -27,9 +27,11 @@ class HandshakeRefused(Exception):
 
 class WssClient:
     def __init__(self, host: str, port: int, *, ca: str, origin: str | None = "https://test",
-                 path: str = "/", timeout: float = 5.0, protocol: str = "sip") -> None:
+                 path: str = "/", timeout: float = 5.0, protocol: str = "sip",
+                 source: str | None = None) -> None:
         ctx = ssl.create_default_context(cafile=ca)
-        raw = socket.create_connection((host, port), timeout=timeout)
+        raw = socket.create_connection((host, port), timeout=timeout,
+                                       source_address=(source, 0) if source else None)
         self.sock = ctx.wrap_socket(raw, server_hostname=host)
         self.timeout = timeout
         self._buf = b""
