@@ -218,24 +218,84 @@ def test_browser_gone_fails_and_never_in_plaintext(wss: WssStack, uas) -> None:
     browser.close()
     wss.stack.events.wait_for(
         lambda e: e.type == "conn.closed" and e.conn.peer == f"{host}:{port}")
-    trap = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    trap.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    for _ in range(100):  # until the old connection has left FIN_WAIT
-        try:
-            trap.bind((host, port))
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        trap.close()
-        pytest.fail(f"could not bind the trap on {host}:{port}: the test would prove nothing")
-    trap.listen(8)
-    trap.settimeout(0.5)
+    trap = Trap(host, port)
     try:
         d = caller.invite(f"sip:{browser.user}@127.0.0.1:{wss.stack.sip_port}")
         final = caller.expect(status=480, timeout=5)
         assert final.get("Call-ID") == d.call_id
-        with pytest.raises(TimeoutError):
-            trap.accept()
+        trap.assert_untouched()
     finally:
         trap.close()
+
+
+class Trap:
+    """A plaintext TCP listener on a gone browser's address: Kamailio must never connect."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        for _ in range(100):  # until the old connection has left FIN_WAIT
+            try:
+                self.sock.bind((host, port))
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            self.sock.close()
+            pytest.fail(f"could not bind the trap on {host}:{port}: the test would prove nothing")
+        self.sock.listen(8)
+        self.sock.settimeout(0.5)
+
+    def assert_untouched(self) -> None:
+        with pytest.raises(TimeoutError):
+            self.sock.accept()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_gone_browser_mid_call_requests_and_replies_fail(wss: WssStack, uas) -> None:
+    """In a dialog: the phone's BYE to a browser whose WebSocket is gone gets 480 at once;
+    the phone's answer to a browser that left after inviting is not delivered; never is
+    anything sent to the browser's address in plaintext."""
+    browser = WsSipUA(uniq("midcall"), domain="127.0.0.1", ws=wss.client(source="127.0.0.3"))
+    phone = uas(uniq("phone"), "udp")
+    assert browser.register().status == 200
+    d_phone = phone.invite(f"sip:{browser.user}@127.0.0.1:{wss.stack.sip_port}")
+    browser.answer()
+    phone.wait_answer(d_phone)
+    browser.expect(method="ACK")
+    host, port = browser.local
+    browser.close()
+    wss.stack.events.wait_for(
+        lambda e: e.type == "conn.closed" and e.conn.peer == f"{host}:{port}")
+    trap = Trap(host, port)
+    try:
+        started = time.monotonic()
+        phone.bye(d_phone)
+        assert phone.expect(status=480, timeout=5).get("CSeq").endswith("BYE")
+        assert time.monotonic() - started < 2.0
+        trap.assert_untouched()
+    finally:
+        trap.close()
+
+    # A browser that invites and leaves: the phone's answer has nowhere to go.
+    browser = WsSipUA(uniq("leaver"), domain="127.0.0.1", ws=wss.client(source="127.0.0.3"))
+    callee = uas(uniq("callee"), "udp")
+    assert callee.register().status == 200
+    browser.invite(f"sip:{callee.user}@127.0.0.1")
+    inv, tag = callee.ring()
+    host, port = browser.local
+    browser.close()
+    wss.stack.events.wait_for(
+        lambda e: e.type == "conn.closed" and e.conn.peer == f"{host}:{port}")
+    trap = Trap(host, port)
+    try:
+        callee.reply(inv, 200, "OK", to_tag=tag, body=inv.body)
+        trap.assert_untouched()
+        time.sleep(0.5)
+        trap.assert_untouched()
+    finally:
+        trap.close()
+    # Kamailio goes on serving.
+    assert uas(uniq("after"), "udp").register().status == 200
