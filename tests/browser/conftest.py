@@ -70,13 +70,12 @@ class WebPhone:
     origin: str
 
 
-@pytest.fixture(scope="session")
-def webphone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebPhone]:
+@contextlib.contextmanager
+def serve_webphone(log_dir: Path) -> Iterator[WebPhone]:
     """scripts/webphone.py on a free port (it installs SIP.js with npm on first use)."""
     port = free_port()
-    log_dir = tmp_path_factory.mktemp("webphone")
     proc = Proc("webphone", [sys.executable, str(ROOT / "scripts" / "webphone.py"),
-                             "--port", str(port), "--quiet"], log_dir / "webphone.log",
+                             "--port", str(port), "--quiet"], log_dir / f"webphone-{port}.log",
                 dict(os.environ))
 
     def answers() -> bool:
@@ -91,6 +90,21 @@ def webphone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebPhone]:
         yield WebPhone(f"http://127.0.0.1:{port}/", f"http://127.0.0.1:{port}")
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def webphone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebPhone]:
+    """The phone page, from the Origin the WSS listener allows."""
+    with serve_webphone(tmp_path_factory.mktemp("webphone")) as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def foreign_webphone(tmp_path_factory: pytest.TempPathFactory,
+                     webphone: WebPhone) -> Iterator[WebPhone]:
+    """The same page from another Origin (another port), which the listener does not allow."""
+    with serve_webphone(tmp_path_factory.mktemp("foreign")) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

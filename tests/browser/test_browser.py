@@ -164,3 +164,18 @@ def test_call_after_tab_closed_fails_cleanly(wss: WssStack, phones) -> None:
             trap.accept()
     finally:
         trap.close()
+
+
+def test_page_from_an_origin_not_allowed_is_refused(wss: WssStack, chrome,  # type: ignore[no-untyped-def]
+                                                    foreign_webphone: WebPhone) -> None:
+    tab = Tab(chrome, foreign_webphone.url)
+    try:
+        result = chrome.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            f"window.phone.register('wss://127.0.0.1:{wss.wss_port}/', 'sip:x@127.0.0.1')"
+            ".then(() => done('ok'), (e) => done('error: ' + e));")
+        # The upgrade is answered 403: the browser sees its WebSocket fail.
+        assert str(result).startswith("error:") and "WebSocket" in str(result), result
+        assert "registration Registered" not in tab.events()
+    finally:
+        tab.close()
