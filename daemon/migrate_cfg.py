@@ -20,6 +20,15 @@ from tlsbridge.shared.kamcfg import KamailioCfg, load_cfg
 from tlsbridge.shared.kamreview import DEFAULT_RECEIVED_AVP
 
 MARK = "# tlsbridge:"
+TIMER_BLOCK = """\
+route[TLSB_TIMER] {
+	python_exec("tlsb_timer");
+	while (python_exec("tlsb_next_resume")) {
+		t_continue("$var(tlsb_index)", "$var(tlsb_label)", "$var(tlsb_route)");
+		$var(tlsb_rc) = $rc;
+		python_exec("tlsb_resumed");
+	}
+}"""
 TIMER_ROUTE = "TLSB_TIMER"
 BRANCH_ROUTE = "TLSB_BRANCH"
 
@@ -222,8 +231,8 @@ def migrate(path: Path, opts: Options, defines: Sequence[str] = ()) -> Migration
                        "}"]
         result.notes.append(f"{path}: added branch_route[{BRANCH_ROUTE}]")
     if native:
-        main.lines += ["", f"route[{TIMER_ROUTE}] {{  {MARK} the rtimer route",
-                       '\tpython_exec("tlsb_timer");', "}"]
+        main.lines += ["", f"{MARK} the rtimer route: the daemon's events, and transactions "
+                       "waiting for a TLS connect", *TIMER_BLOCK.splitlines()]
     at = _after_last_loadmodule(main.lines)
     main.lines[at:at] = _bridge_block(opts, cfg, native)
     if not any(li.serves("udp") for li in cfg.listens) and not opts.sip_address:

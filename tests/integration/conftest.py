@@ -6,11 +6,13 @@ import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 
 from tests.support.procs import (
+    CFG,
     Daemon,
     EventTap,
     Kamailio,
@@ -58,7 +60,17 @@ def start_stack(
     kamailio_script: Path | None = None, kamailio_extra: str = "",
 ) -> Stack:
     tls_port, sip_port, hairpin_port = (free_tcp_udp_port() for _ in range(3))
+    engine, native, _ = engine.partition("-native")
     engine, _, workers = engine.partition("-x")
+    routing: dict[str, Any] = {}
+    if native:  # the native cfg routes of routing-native.cfg, calling the bridge by python_exec
+        routing = {"script": CFG / "tlsbridge_native.py",
+                   "extra_args": ("-A", "WITH_NATIVE_ROUTING")}
+    kam_kw = {**routing, "extra_args": (*routing.get("extra_args", ()), *kamailio_args)}
+    if kamailio_cfg is not None:
+        kam_kw["cfg"] = kamailio_cfg
+    if kamailio_script is not None:
+        kam_kw["script"] = kamailio_script
     config = write_bridge_config(
         workdir / "tlsbridge.toml", tls_port=tls_port, hairpin_port=hairpin_port,
         sip_port=sip_port,
@@ -70,10 +82,7 @@ def start_stack(
     try:
         if with_kamailio:
             kamailio = Kamailio(workdir, sip_port=sip_port, hairpin_port=hairpin_port,
-                                tls_port=tls_port, bridge_config=config,
-                                extra_args=kamailio_args,
-                                **({"cfg": kamailio_cfg} if kamailio_cfg else {}),
-                                **({"script": kamailio_script} if kamailio_script else {}))
+                                tls_port=tls_port, bridge_config=config, **kam_kw)
         daemon = Daemon(workdir, config)
         daemon.wait_ready()
         if kamailio:
@@ -96,8 +105,9 @@ def stop_stack(stack: Stack) -> None:
 
 
 ENGINES = [name for name, reason in available().items() if reason is None]
-# "openssl-x2": the openssl engine with a supervisor and two worker processes.
-VARIANTS = [*ENGINES, "openssl-x2"]
+# "openssl-x2": the openssl engine with a supervisor and two worker processes;
+# "openssl-native": Kamailio routing in native cfg (routing-native.cfg) instead of KEMI.
+VARIANTS = [*ENGINES, "openssl-x2", "openssl-native"]
 
 
 @pytest.fixture(scope="module", params=VARIANTS)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import Stack, start_stack, stop_stack
-from tests.support.procs import CFG, ROOT, free_tcp_udp_port
+from tests.support.procs import free_tcp_udp_port
 from tests.support.sip import TlsUA, UdpUA
 from tests.support.ua import SipUA
 from tests.support.ws import HandshakeRefused, WssClient, WsSipUA
@@ -24,7 +24,6 @@ from tests.support.ws import HandshakeRefused, WssClient, WsSipUA
 pytestmark = [pytest.mark.integration]
 
 ORIGIN = "https://phone.example"
-NATIVE_CFG = ROOT / "tests" / "data" / "native" / "wss.cfg"
 
 
 @dataclass
@@ -51,15 +50,15 @@ def wss_listener(port: int, origins: list[str] | None) -> str:
 def start_wss_stack(workdir: Path, certs: dict[str, Path], origins: list[str] | None,
                     engine: str = "openssl", routing: str = "kemi") -> WssStack:
     """The stack with a WSS listener; `routing` "kemi" is the reference cfg and routing.py,
-    "native" tests/data/native/wss.cfg calling tlsbridge_native.py with python_exec."""
+    "native" the same cfg with routing-native.cfg calling tlsbridge_native.py."""
     port = free_tcp_udp_port()
-    native = {"kamailio_cfg": NATIVE_CFG, "kamailio_script": CFG / "tlsbridge_native.py"} \
-        if routing == "native" else {}
+    if routing == "native":
+        engine += "-native"  # the reference cfg with -A WITH_NATIVE_ROUTING
     # Hairpins from 127.0.0.2: none can hold a browser's old port on 127.0.0.1, where the
     # tests of a gone browser put a plaintext trap.
     stack = start_stack(workdir, certs, extra=wss_listener(port, origins), engine=engine,
                         kamailio_args=["-A", f"WSS_PORT={port}"],
-                        kamailio_extra='source_ip = "127.0.0.2"', **native)
+                        kamailio_extra='source_ip = "127.0.0.2"')
     return WssStack(stack, port)
 
 
