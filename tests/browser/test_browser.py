@@ -179,3 +179,20 @@ def test_page_from_an_origin_not_allowed_is_refused(wss: WssStack, chrome,  # ty
         assert "registration Registered" not in tab.events()
     finally:
         tab.close()
+
+
+def test_two_browsers_call_each_other(wss: WssStack, phones) -> None:
+    browser, _ = phones
+    alice_user, bob_user = uniq("alice"), uniq("bob")
+    alice, bob = browser(alice_user), browser(bob_user)
+    bob.run(f"window.phone.call('sip:{alice_user}@127.0.0.1')")
+    alice.wait_event(f"incoming sip:{bob_user}@127.0.0.1")
+    # Both on one WSS listener: one Record-Route, its public address.
+    rr = rr_of(alice.driver.execute_script("return window.phone.lastRecordRoute"))
+    assert len(rr) == 1 and rr[0].startswith(f"<sip:{wss.wss_rr};lr"), rr
+    alice.run("window.phone.answer()")
+    bob.wait_event("out Established")
+    alice.wait_event("in Established")
+    alice.run("window.phone.hangup()")
+    bob.wait_event("out Terminated")
+    alice.wait_event("in Terminated")
