@@ -257,7 +257,9 @@ def _build(path: Path, root: _Section) -> Config:
     profiles = _profiles(root, base)
     listeners = _listeners(root, profiles)
     kam = root.sub("kamailio")
-    kam.only("hairpin", "proxy_protocol", "source_ip", "connect_timeout", "sip_address", "cfg")
+    kam.only("hairpin", "proxy_protocol", "source_ip", "connect_timeout", "sip_address", "cfg",
+             "cluster")
+    kam.get("cluster", bool, False)  # read by Kamailio's side (shared/settings.py)
     host, port = kam.address("hairpin")
     hairpin = Hairpin(
         host=host,

@@ -60,6 +60,9 @@ class kamailio:
     # -- SIP requests -----------------------------------------------------------------------
 
     def ksr_request_route(self, msg):
+        if bridge.cluster and KSR.pv.get("$rm") == "KDMQ":
+            KSR.dmq.handle_message()  # registrations shared between the nodes
+            return 1
         bridge.protect_replies()
         if self.ksr_route_reqinit(msg) == -255:
             return 1
@@ -82,6 +85,12 @@ class kamailio:
         if KSR.tm.t_check_trans() == 0:
             return 1
 
+        if bridge.cluster and KSR.dmq.is_from_node() > 0 and KSR.rr.loose_route() > 0:
+            # Another node routes a call here by the Path of a phone registered here.
+            if KSR.is_method_in("IS"):
+                bridge.record_route()
+            self.ksr_route_relay(msg)
+            return 1
         KSR.hdr.remove("Route")
         if KSR.is_method_in("IS"):
             # Per branch: TLS peers see the public TLS address, others Kamailio's own.

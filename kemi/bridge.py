@@ -94,6 +94,7 @@ class TlsBridge(RoutingMixin, WebSocketMixin):
         facts_in_htable: bool = False,
         wss_public: dict[str, str] | None = None,
         wss_origins: dict[str, tuple[str, ...] | None] | None = None,
+        cluster: bool | None = None,
     ) -> None:
         settings_trunks: dict[str, Trunk] = {}
         self.config_path: str | None = None
@@ -107,6 +108,7 @@ class TlsBridge(RoutingMixin, WebSocketMixin):
             events = events or settings.events_endpoint
             tls_public = tls_public if tls_public is not None else settings.tls_public
             sip_address = sip_address or settings.sip_address
+            cluster = settings.cluster if cluster is None else cluster
             settings_trunks = settings.trunks
             self.run_dir = settings.run_dir
             lookup_socket = lookup_socket if lookup_socket is not None else settings.lookup_socket
@@ -134,6 +136,8 @@ class TlsBridge(RoutingMixin, WebSocketMixin):
         self._continuing: tuple[float, dict[str, Any], Outcome] | None = None
         self.tls_public = dict(tls_public or {})
         self.sip_address = sip_address
+        # One node of several sharing registrations: see RoutingMixin.prepare_register.
+        self.cluster = bool(cluster)
         self.received_avp = received_avp
         self.hairpin = hairpin
         self.control_endpoint = control

@@ -11,10 +11,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from tlsbridge.kemi.uri import SipUri, parse_uri
 from tlsbridge.shared import control as ctl
-from tlsbridge.shared.addr import default_sni, format_addr, is_ip, target_key
+from tlsbridge.shared.addr import default_sni, format_addr, is_ip, parse_addr, target_key
 from tlsbridge.shared.settings import Trunk
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 # Marks a destination rewritten to a hairpin (`tlsb=ok`): dst URI parameters never reach the wire.
 MARK = "tlsb"
 RR_XAVP = "$xavp(tlsb=>rr)"
+ADV_XAVP = "$xavp(tlsb_adv=>on)"  # a branch advertised the public TLS address
 # Record-Route parameters naming the TLS connection in-dialog requests take: `tls-dn` towards
 # the callee, `tls-up` towards the caller. With `ftag` they need nothing of rr's own direction
 # (is_direction wants append_fromtag=1, which Debian's stock cfg leaves off).
@@ -54,6 +56,7 @@ class RoutingMixin:
     tls_public: dict[str, str]
     hairpin: tuple[str, int]
     sip_address: str | None
+    cluster: bool
     received_avp: str
     trunks: dict[str, Trunk]
     htable: str
@@ -84,13 +87,19 @@ class RoutingMixin:
         hairpin, whatever its Contact says (needs registrar's `received_avp` modparam)."""
         if not self.from_bridge():
             return
-        pv = _ksr().pv
-        peer = _hostport(str(pv.get("$si")), int(pv.get("$sp")))
-        if self.from_websocket():
-            # A browser: Kamailio finds its WebSocket by this address (fix_nated_register).
-            pv.sets(self.received_avp, f"sip:{peer};transport=ws")
-            return
-        pv.sets(self.received_avp, f"sip:{peer};transport=tls")
+        KSR = _ksr()
+        peer = _hostport(str(KSR.pv.get("$si")), int(KSR.pv.get("$sp")))
+        # A browser: Kamailio finds its WebSocket by this address (fix_nated_register).
+        transport = "ws" if self.from_websocket() else "tls"
+        received = f"sip:{peer};transport={transport}"
+        KSR.pv.sets(self.received_avp, received)
+        if self.cluster and self.sip_address:
+            # The other nodes learn the registration from DMQ and must route its calls here:
+            # registrar stores this Path with it (use_path), and lookup() on this node skips
+            # it (path_check_local) for the received address, on others sends to this node.
+            KSR.hdr.insert(f"Path: <sip:{self.sip_address};lr;received="
+                           f"{quote(received, safe='')}>\r\n")
+            KSR.textopsx.msg_apply_changes()  # save() reads the Path from the message
 
     def record_route(self) -> None:
         """Instead of `rr.record_route()` for initial requests: the Record-Route is written per
@@ -136,6 +145,8 @@ class RoutingMixin:
         pinned = self._dialog_peer()
         if pinned is not None:
             self._over_hairpin(pinned)
+            if KSR.is_ACK():  # forwarded statelessly: no branch route will advertise
+                self._advertise_tls()
             return RELAY
         if not uri.is_tls:
             return RELAY
@@ -190,10 +201,13 @@ class RoutingMixin:
         return None
 
     def _registered_here(self) -> bool:
-        """A destination from lookup() of a phone registered over a hairpin keeps the hairpin
-        listener as its send socket: such a phone is reached over its own connection, never
-        dialled."""
-        return str(_ksr().pv.get("$fs") or "") == f"tcp:{format_addr(*self.hairpin)}"
+        """A phone registered over the bridge is reached over its own connection, never
+        dialled. After lookup() its destination keeps the hairpin listener as send socket;
+        routed here by another node of a cluster, it came as the `received` of our Path."""
+        KSR = _ksr()
+        if str(KSR.pv.get("$fs") or "") == f"tcp:{format_addr(*self.hairpin)}":
+            return True
+        return self.cluster and "received=" in str(KSR.pv.get("$(hdr(Route)[0])") or "")
 
     def _over_hairpin(self, peer: str) -> None:
         KSR = _ksr()
@@ -254,9 +268,32 @@ class RoutingMixin:
             self._in_branch = False
         uri = self._target()
         tls_out = uri is not None and uri.params.get(MARK) == "ok"
+        if tls_out:
+            self._advertise_tls()
+        elif _ksr().pv.get(ADV_XAVP):
+            self._advertise_none()
         if _ksr().pv.get(RR_XAVP):
             self._record_route_branch(tls_out)
         return 1
+
+    def _advertise_tls(self) -> None:
+        """Our Via towards a TLS peer names the public TLS address, as tls.so's would, not
+        the hairpin listener (Kamailio still writes TCP: it sees no TLS)."""
+        address = self._tls_address(None)  # as the Record-Route towards it
+        if address is None:
+            return
+        host, port = parse_addr(address.split(";", 1)[0])
+        KSR = _ksr()
+        KSR.set_advertised_address(host)
+        KSR.set_advertised_port(str(port))  # KEMI takes it as a string
+        KSR.pv.sets(ADV_XAVP, "1")
+
+    def _advertise_none(self) -> None:
+        """The advertised address outlives a branch: the next, non-TLS, one drops it."""
+        KSR = _ksr()
+        KSR.set_advertised_address("")
+        KSR.set_advertised_port("")
+        KSR.pv.unset(ADV_XAVP)
 
     def _record_route_branch(self, tls_out: bool) -> None:
         # Written as a header of this branch: the rr module allows one Record-Route per

@@ -78,9 +78,9 @@ def _sockets(cfg: KamailioCfg, bridge: BridgeSettings) -> list[Finding]:
                                      any(a.endswith(f":{port}") for a in tls_aliases)):
             out.append(("ok", f"alias=tls:{wanted}"))
         else:
-            out.append(("error", f"no alias=tls:{wanted}: Route headers naming the bridge's "
-                        "TLS address would not be Kamailio's own (in-dialog requests from TLS "
-                        "peers fail)"))
+            out.append(("warning", f"no alias=tls:{wanted}: Route headers naming the "
+                        "bridge's TLS address would not be Kamailio's own (in-dialog requests "
+                        "from TLS peers of that listener fail)"))
     return out
 
 

@@ -41,6 +41,8 @@ class BridgeSettings:
     tls_public: dict[str, str] = field(default_factory=dict)
     # where non-TLS peers reach Kamailio, for Record-Route across transports
     sip_address: str | None = None
+    # one node of several sharing registrations (DMQ): TLS registrations carry a Path to it
+    cluster: bool = False
     trunks: dict[str, Trunk] = field(default_factory=dict)
     # WSS listeners (transport = "wss"): address -> the address browsers know it by, and
     # address -> the Origin values allowed (None: any). `tls_public` holds the TLS ones only.
@@ -91,6 +93,7 @@ def load_settings(path: str | Path) -> BridgeSettings:
         facts_map=facts_map_of(run_dir),
         tls_public=tls_public,
         sip_address=format_addr(*parse_addr(sip, default_port=5060)) if sip else None,
+        cluster=bool(raw["kamailio"].get("cluster", False)),
         trunks=trunks_of(raw, p),
         wss_public=wss_public,
         wss_origins=wss_origins,

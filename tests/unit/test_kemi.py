@@ -12,6 +12,7 @@ import dataclasses
 import json
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -1022,3 +1023,32 @@ def test_native_routing_continues_in_its_own_route(
     assert native.tlsb_resumed(None) == 1
     assert subscribed._current_outcome() is None
     assert native.tlsb_next_resume(None) == -1
+
+
+class _RoutingKSR:
+    """The KSR calls a branch route makes, on top of FakeKSR's pseudo-variables."""
+
+    def __init__(self, ksr: testing.FakeKSR) -> None:
+        self.ksr = ksr
+        ksr.siputils = types.SimpleNamespace(has_totag=lambda: -1)
+        ksr.setdsturi = lambda uri: ksr.pvs.__setitem__("$du", uri) or 1
+        ksr.set_forward_no_connect = lambda: 1
+        ksr.is_method_in = lambda methods: False
+        ksr.is_ACK = lambda: False
+
+
+def test_only_a_tls_branch_advertises_the_public_tls_address(
+        ksr: testing.FakeKSR, make_bridge: Callable[..., TlsBridge]) -> None:
+    bridge = make_bridge(tls_public={"127.0.0.1:5061": "203.0.113.10:5061"})
+    _RoutingKSR(ksr)
+    ksr.message(peer="192.0.2.7:5060", method="INVITE")
+    ksr.modf_results["tcp_get_conid"] = 1  # the TLS phone has a live hairpin
+    # A TLS branch: our Via must name the public TLS address, not the hairpin.
+    ksr.pvs["$du"] = "sip:198.51.100.7:40001;transport=tls"
+    bridge.prepare_branch()
+    assert ksr.pvs["$du"] == "sip:198.51.100.7:40001;transport=tcp;tlsb=ok"
+    assert ksr.advertised == ("203.0.113.10", 5061)
+    # The next branch, to UDP: Kamailio would keep the address; the bridge drops it.
+    ksr.pvs["$du"] = "sip:192.0.2.8:5060"
+    bridge.prepare_branch()
+    assert ksr.advertised == (None, None)
