@@ -5,6 +5,7 @@ the hairpin, and the reference routing.py routes browsers to UDP and TLS phones 
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import time
@@ -170,6 +171,10 @@ def test_phone_calls_browser(wss: WssStack, uas, phone_proto: str, bye_from: str
     rr = rr_of(inv.get_all("Record-Route"))
     assert rr[0].startswith(f"<sip:{wss.wss_rr};lr;r2=on"), rr
     assert str(wss.stack.hairpin_port) not in " ".join(rr)
+    # Kamailio's own Via towards the browser: WS, naming the hairpin (it sees no TLS).
+    # (Kamailio pads the transport to three characters: "WS  ".)
+    assert re.match(rf"SIP/2.0/WS\s+127\.0\.0\.1:{wss.stack.hairpin_port};",
+                    inv.get("Via")), inv.get("Via")
     # Its Contact (an .invalid host) is reached over its WebSocket in the dialog.
     assert "alias=" in d_phone.remote_target
     if bye_from == "browser":
