@@ -196,3 +196,20 @@ def test_two_browsers_call_each_other(wss: WssStack, phones) -> None:
     alice.run("window.phone.hangup()")
     bob.wait_event("out Terminated")
     alice.wait_event("in Terminated")
+
+
+def test_browser_cancels_a_ringing_call(wss: WssStack, phones) -> None:
+    browser, phone = phones
+    tab = browser(uniq("web"))
+    callee = phone(uniq("udp"), "udp")
+    assert callee.register().status == 200
+    tab.run(f"window.phone.call('sip:{callee.user}@127.0.0.1')")
+    inv, tag = callee.ring()
+    tab.wait_event("out Establishing")
+    tab.run("window.phone.hangup()")  # CANCEL while it rings
+    cancel = callee.expect(method="CANCEL")
+    assert cancel.get("Call-ID") == inv.get("Call-ID")
+    callee.reply(cancel, 200, "OK")
+    callee.reply(inv, 487, "Request Terminated", to_tag=tag)
+    callee.expect(method="ACK")  # tm acknowledges the 487 hop by hop
+    tab.wait_event("out Terminated")
