@@ -8,7 +8,7 @@ PY       := $(VENV)/bin/python
 RUN      := $(ROOT)/run
 CFG      := $(ROOT)/kamailio-cfg
 APT_PKGS := kamailio kamailio-python3-modules kamailio-tls-modules kamailio-websocket-modules \
-            python3-venv openssl gnutls-bin chromium chromium-driver
+            python3-venv openssl gnutls-bin iproute2 chromium chromium-driver
 PYTEST_ARGS ?=
 # make up ROUTING=native: the reference routing in native cfg (routing-native.cfg) instead of KEMI
 ROUTING  ?= kemi

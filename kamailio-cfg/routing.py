@@ -22,6 +22,7 @@ from tlsbridge.kemi.bridge import default_config_path
 # Reads the daemon's tlsbridge.toml (beside this script, or $TLSBRIDGE_CONFIG) for the hairpin
 # address and the ZeroMQ endpoints. Sockets are created later, in each process.
 bridge = TlsBridge(default_config_path(__file__))
+RR_PRELOADED = -3  # rr's loose_route(): the next hop came from a Route the request arrived with
 
 
 def mod_init():
@@ -85,8 +86,9 @@ class kamailio:
         if KSR.tm.t_check_trans() == 0:
             return 1
 
-        if bridge.cluster and KSR.dmq.is_from_node() > 0 and KSR.rr.loose_route() > 0:
-            # Another node routes a call here by the Path of a phone registered here.
+        if bridge.cluster and KSR.dmq.is_from_node() and KSR.rr.loose_route() == RR_PRELOADED:
+            # Another node routes a call here by the Path of a phone registered here; path's
+            # use_received made its received address the destination.
             if KSR.is_method_in("IS"):
                 bridge.record_route()
             self.ksr_route_relay(msg)

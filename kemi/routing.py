@@ -84,22 +84,34 @@ class RoutingMixin:
 
     def prepare_register(self) -> None:
         """Before `registrar.save()`: a REGISTER from the bridge is reached back over its
-        hairpin, whatever its Contact says (needs registrar's `received_avp` modparam)."""
-        if not self.from_bridge():
-            return
+        hairpin, whatever its Contact says (needs registrar's `received_avp` modparam). In a
+        cluster every registration also gets a Path naming this node (see `_add_path`)."""
         KSR = _ksr()
+        from_bridge = self.from_bridge()
+        if not from_bridge and not self.cluster:
+            return
         peer = _hostport(str(KSR.pv.get("$si")), int(KSR.pv.get("$sp")))
-        # A browser: Kamailio finds its WebSocket by this address (fix_nated_register).
-        transport = "ws" if self.from_websocket() else "tls"
-        received = f"sip:{peer};transport={transport}"
-        KSR.pv.sets(self.received_avp, received)
+        if from_bridge:
+            # A browser: Kamailio finds its WebSocket by this address (fix_nated_register).
+            transport = "ws" if self.from_websocket() else "tls"
+            received = f"sip:{peer};transport={transport}"
+            KSR.pv.sets(self.received_avp, received)
+        else:
+            proto = str(KSR.pv.get("$pr") or "udp").lower()
+            received = f"sip:{peer}" + ("" if proto == "udp" else f";transport={proto}")
         if self.cluster and self.sip_address:
-            # The other nodes learn the registration from DMQ and must route its calls here:
-            # registrar stores this Path with it (use_path), and lookup() on this node skips
-            # it (path_check_local) for the received address, on others sends to this node.
-            KSR.hdr.insert(f"Path: <sip:{self.sip_address};lr;received="
-                           f"{quote(received, safe='')}>\r\n")
-            KSR.textopsx.msg_apply_changes()  # save() reads the Path from the message
+            self._add_path(received)
+
+    def _add_path(self, received: str) -> None:
+        """The other nodes learn the registration from DMQ and must route its requests here,
+        where the phone's connection (or NAT binding) is: registrar stores this Path with it
+        (use_path); lookup() on this node skips it for the received address
+        (path_check_local), on the others it sends to this node, which relays to `received`
+        (path's use_received)."""
+        KSR = _ksr()
+        KSR.hdr.insert(f"Path: <sip:{self.sip_address};lr;received="
+                       f"{quote(received, safe='')}>\r\n")
+        KSR.textopsx.msg_apply_changes()  # save() reads the Path from the message
 
     def record_route(self) -> None:
         """Instead of `rr.record_route()` for initial requests: the Record-Route is written per
@@ -193,9 +205,10 @@ class RoutingMixin:
             return None
         routes = str(KSR.pv.get("$(hdr(Route)[*])") or "")
         for route in _ROUTE.findall(routes):
-            params = parse_uri(route).params if PIN_DOWN in route or PIN_UP in route else None
-            if params is None:
+            # Only our own entries: another proxy's (another node's) pins name its hairpins.
+            if (PIN_DOWN not in route and PIN_UP not in route) or not KSR.is_myself(route):
                 continue
+            params = parse_uri(route).params
             downstream = params.get("ftag") == str(KSR.pv.get("$ft") or "")
             return params.get(PIN_DOWN if downstream else PIN_UP) or None
         return None

@@ -56,8 +56,7 @@ class Stack:
 def start_stack(
     workdir: Path, certs: dict[str, Path], *, with_kamailio: bool = True, extra: str = "",
     engine: str = "openssl", listener_extra: str = "", daemon_extra: str = "",
-    kamailio_args: Sequence[str] = (), kamailio_cfg: Path | None = None,
-    kamailio_script: Path | None = None, kamailio_extra: str = "",
+    kamailio_args: Sequence[str] = (), kamailio_extra: str = "",
 ) -> Stack:
     tls_port, sip_port, hairpin_port = (free_tcp_udp_port() for _ in range(3))
     engine, native, _ = engine.partition("-native")
@@ -67,10 +66,6 @@ def start_stack(
         routing = {"script": CFG / "tlsbridge_native.py",
                    "extra_args": ("-A", "WITH_NATIVE_ROUTING")}
     kam_kw = {**routing, "extra_args": (*routing.get("extra_args", ()), *kamailio_args)}
-    if kamailio_cfg is not None:
-        kam_kw["cfg"] = kamailio_cfg
-    if kamailio_script is not None:
-        kam_kw["script"] = kamailio_script
     config = write_bridge_config(
         workdir / "tlsbridge.toml", tls_port=tls_port, hairpin_port=hairpin_port,
         sip_port=sip_port,

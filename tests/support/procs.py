@@ -106,12 +106,12 @@ class Kamailio(Proc):
         self, workdir: Path, *, sip_port: int, hairpin_port: int, tls_port: int,
         bridge_config: Path, script: Path = CFG / "routing.py", children: int = 2,
         extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
-        venv: str = sys.prefix, cfg: Path = CFG / "kamailio.cfg",
+        venv: str = sys.prefix, prefix: Sequence[str] = (),
     ) -> None:
         self.sip_port, self.hairpin_port = sip_port, hairpin_port
         self.ctl = f"unix:{workdir}/kamailio_ctl"
         argv = [
-            "kamailio", "-f", str(cfg), "-DD", "-E",
+            *prefix, "kamailio", "-f", str(CFG / "kamailio.cfg"), "-DD", "-E",
             "-A", f"SIP_PORT={sip_port}", "-A", f"HAIRPIN_PORT={hairpin_port}",
             "-A", f"TLS_PORT={tls_port}", "-A", f"CHILDREN={children}",
             "-A", f'KEMI_SCRIPT="{script}"', "-A", f'CTL_SOCKET="{self.ctl}"',
@@ -200,12 +200,13 @@ engine = "{engine}"
 
 
 class Daemon(Proc):
-    def __init__(self, workdir: Path, config: Path, python: str = sys.executable) -> None:
+    def __init__(self, workdir: Path, config: Path, python: str = sys.executable,
+                 prefix: Sequence[str] = ()) -> None:
         from tlsbridge.shared.settings import load_settings
 
         self.config = config
         self.settings = load_settings(config)
-        argv = [python, "-m", "tlsbridge.daemon.cli", "run", "-c", str(config)]
+        argv = [*prefix, python, "-m", "tlsbridge.daemon.cli", "run", "-c", str(config)]
         super().__init__("tlsbridge", argv, workdir / "tlsbridge.log", dict(os.environ))
         self.client = ControlClient(self.settings.control_endpoint, timeout_ms=1000)
 
