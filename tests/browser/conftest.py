@@ -107,10 +107,13 @@ def foreign_webphone(tmp_path_factory: pytest.TempPathFactory,
         yield served
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["kemi", "native"])
 def wss(tmp_path_factory: pytest.TempPathFactory, certs: dict[str, Path],  # noqa: F811
-        webphone: WebPhone) -> Iterator[WssStack]:
-    s = start_wss_stack(tmp_path_factory.mktemp("wss-browser"), certs, [webphone.origin])
+        webphone: WebPhone, request: pytest.FixtureRequest) -> Iterator[WssStack]:
+    """The stack with a WSS listener allowing the phone page's Origin; every browser test runs
+    with the KEMI reference routing and with the native one (routing-native.cfg)."""
+    s = start_wss_stack(tmp_path_factory.mktemp(f"wss-browser-{request.param}"), certs,
+                        [webphone.origin], routing=request.param)
     yield s
     stop_stack(s.stack)
 
