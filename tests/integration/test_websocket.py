@@ -232,6 +232,16 @@ def test_browser_gone_fails_and_never_in_plaintext(wss: WssStack, uas) -> None:
         trap.close()
 
 
+def tcp_connects(stack: Stack) -> dict[str, int]:
+    """Kamailio's own outgoing TCP connects (kex statistics): any, successful or not, would be
+    a plaintext connection attempt (every hairpin is the daemon's)."""
+    assert stack.kamailio is not None
+    out = stack.kamailio.kamcmd("stats.get_statistics", "tcp:")
+    found = dict(re.findall(r"tcp:(connect_(?:success|failed)) = (\d+)", out))
+    assert len(found) == 2, out
+    return {k: int(v) for k, v in found.items()}
+
+
 class Trap:
     """A plaintext TCP listener on a gone browser's address: Kamailio must never connect."""
 
@@ -274,6 +284,7 @@ def test_gone_browser_mid_call_requests_and_replies_fail(wss: WssStack, uas) -> 
     wss.stack.events.wait_for(
         lambda e: e.type == "conn.closed" and e.conn.peer == f"{host}:{port}")
     trap = Trap(host, port)
+    connects = tcp_connects(wss.stack)
     try:
         started = time.monotonic()
         phone.bye(d_phone)
@@ -301,5 +312,6 @@ def test_gone_browser_mid_call_requests_and_replies_fail(wss: WssStack, uas) -> 
         trap.assert_untouched()
     finally:
         trap.close()
+    assert tcp_connects(wss.stack) == connects
     # Kamailio goes on serving.
     assert uas(uniq("after"), "udp").register().status == 200
