@@ -39,6 +39,9 @@ class kamailio:
     # app_python3 5.6 looks these up on every message and leaves a Python error set when they
     # are missing, which then surfaces in the next KSR call: keep them defined.
     def ksr_reply_route(self, msg):
+        if bridge.from_websocket():
+            # A browser's answer: its .invalid Contact gets the address of its WebSocket.
+            KSR.nathelper.add_contact_alias()
         return 1
 
     def ksr_onsend_route(self, msg):
@@ -49,6 +52,12 @@ class kamailio:
     def ksr_tlsb_timer(self, msg, evname=None):
         return bridge.drain_events()
 
+    # -- browsers: the WebSocket upgrade (kamailio.cfg: xhttp event_callback) ----------------
+
+    def ksr_xhttp_event(self, msg, evname=None):
+        # Only through a WSS listener of the bridge, only from an Origin it allows.
+        return bridge.ws_handshake()
+
     # -- SIP requests -----------------------------------------------------------------------
 
     def ksr_request_route(self, msg):
@@ -58,6 +67,10 @@ class kamailio:
         bridge.protect_replies()
         if self.ksr_route_reqinit(msg) == -255:
             return 1
+
+        if bridge.from_websocket() and not KSR.is_REGISTER():
+            # A browser's Contact host is .invalid: reach it over its WebSocket instead.
+            KSR.nathelper.add_contact_alias()
 
         if KSR.is_CANCEL():
             if KSR.tm.t_check_trans() > 0:
@@ -113,6 +126,8 @@ class kamailio:
         if KSR.siputils.has_totag() < 0:
             return 1
         if KSR.rr.loose_route() > 0:
+            if ";alias=" in str(KSR.pv.get("$ru") or ""):
+                KSR.nathelper.handle_ruri_alias()  # towards a browser: over its WebSocket
             self.ksr_route_relay(msg)
             return -255
         if KSR.is_ACK():

@@ -168,6 +168,7 @@ def write_bridge_config(
     path: Path, *, tls_port: int, hairpin_port: int, sip_port: int, certs: dict[str, Path],
     run_dir: Path, extra: str = "", handshake_timeout: float = 5.0, engine: str = "openssl",
     listener_extra: str = "", workers: int = 1, daemon_extra: str = "",
+    kamailio_extra: str = "",
 ) -> Path:
     path.write_text(f"""
 [daemon]
@@ -178,6 +179,7 @@ log_level = "debug"
 handshake_timeout = {handshake_timeout}
 
 [kamailio]
+{kamailio_extra}
 hairpin = "127.0.0.1:{hairpin_port}"
 connect_timeout = 2.0
 sip_address = "127.0.0.1:{sip_port}"
