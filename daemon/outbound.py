@@ -112,8 +112,11 @@ class OutboundRelay(Relay):
         self._loop.call_later(PONG_WAIT, self._now_ready)
 
     def data_received(self, data: bytes) -> None:
-        self._last_activity = self._loop.time()
+        # Traffic is plaintext relayed, not TLS records alone (a ticket, a key update).
+        before = self.core.bytes_in
         super().data_received(data)
+        if self.core.bytes_in != before:
+            self._last_activity = self._loop.time()
 
     def from_hairpin(self, data: bytes) -> None:
         if self._awaiting_pong and data.startswith(PONG):
