@@ -64,7 +64,11 @@ def _open_relay() -> tuple[object, object]:
     else:
         table = SimpleNamespace(next_id=lambda: 1, counters=collections.Counter())
         relay = relay_mod.InboundRelay(table, None, None, config, listener, Engine)
-        relay.core.state = relay_mod.State.OPEN
+        core = relay.core
+        core.handshake_done()
+        core.first_segment(b"PROXY ...\r\n")
+        core.hairpin_up()
+        assert core.state is relay_mod.State.OPEN
     relay.engine = Engine()
     relay._tls = Transport()
     relay._hairpin = Transport()

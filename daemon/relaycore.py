@@ -110,10 +110,12 @@ class RelayCore:
     """One connection's state; `bytes_in` counts plaintext from the peer, `bytes_out` to it."""
 
     __slots__ = ("_paused_by", "_pending", "_pending_size", "bytes_in", "bytes_out",
-                 "hairpin_done", "max_buffer", "peer_done", "peer_gone", "state")
+                 "forwarding", "hairpin_done", "max_buffer", "peer_done", "peer_gone", "state")
 
     def __init__(self, max_buffer: int) -> None:
         self.state = State.HANDSHAKE
+        # state is OPEN: the byte pump's one test (a flag is cheaper than comparing states)
+        self.forwarding = False
         self.max_buffer = max_buffer
         self.bytes_in = 0
         self.bytes_out = 0
@@ -135,7 +137,7 @@ class RelayCore:
         """Plaintext the peer sent: FORWARD (write it to the hairpin) once the hairpin is up;
         before, the core keeps it (and may ask to pause reading)."""
         self.bytes_in += len(data)
-        if self.state is State.OPEN:
+        if self.forwarding:
             return FORWARD
         self._pending.append(data)
         self._pending_size += len(data)
@@ -146,6 +148,8 @@ class RelayCore:
     def from_hairpin(self, data: bytes) -> Actions:
         """Bytes from Kamailio: FORWARD (encrypt and send them to the peer), or NOTHING once
         closed."""
+        # Not only when OPEN: Kamailio can answer what went with the PROXY header before the
+        # loop has told us the hairpin is up.
         if self.state is State.CLOSED:
             return NOTHING
         self.bytes_out += len(data)
@@ -220,6 +224,7 @@ class RelayCore:
         if self.state is not State.CONNECTING:  # closed meanwhile (killed, timed out)
             return _ABORT_HAIRPIN
         self.state = State.OPEN
+        self.forwarding = True
         actions: list[Action] = []
         if self._pending:
             actions.append(SendToHairpin(b"".join(self._pending)))
@@ -282,4 +287,5 @@ class RelayCore:
         if self.state is State.CLOSED:
             return NOTHING
         self.state = State.CLOSED
+        self.forwarding = False
         return (Close(reason, detail, failure),)

@@ -59,6 +59,14 @@ def test_early_bytes_leave_with_the_proxy_header() -> None:
     assert core.bytes_in == 14
 
 
+def test_kamailio_may_answer_before_the_hairpin_is_reported_up() -> None:
+    core = connecting()
+    core.from_peer(b"OPTIONS")
+    core.first_segment(HEADER)  # the request left with the header; Kamailio answers at once
+    assert core.from_hairpin(b"SIP/2.0 200 OK") is FORWARD
+    assert core.hairpin_up() == (Ready(),)
+
+
 def test_early_bytes_the_socket_did_not_take_go_at_hairpin_up() -> None:
     core = connecting()
     core.from_peer(b"abcdef")
