@@ -16,6 +16,8 @@ from pathlib import Path
 
 import zmq
 
+from tests.support.requirements import kamailio as kamailio_binary
+from tests.support.requirements import kamcmd as kamcmd_binary
 from tests.support.sip import UdpUA
 from tlsbridge.shared.client import ControlClient
 from tlsbridge.shared.control import ControlError
@@ -110,7 +112,7 @@ class Kamailio(Proc):
         self.sip_port, self.hairpin_port = sip_port, hairpin_port
         self.ctl = f"unix:{workdir}/kamailio_ctl"
         argv = [
-            "kamailio", "-f", str(CFG / "kamailio.cfg"), "-DD", "-E",
+            kamailio_binary(), "-f", str(CFG / "kamailio.cfg"), "-DD", "-E",
             "-A", f"SIP_PORT={sip_port}", "-A", f"HAIRPIN_PORT={hairpin_port}",
             "-A", f"TLS_PORT={tls_port}", "-A", f"CHILDREN={children}",
             "-A", f'KEMI_SCRIPT="{script}"', "-A", f'CTL_SOCKET="{self.ctl}"',
@@ -158,7 +160,7 @@ class Kamailio(Proc):
             ua.close()
 
     def kamcmd(self, *args: str) -> str:
-        out = subprocess.run(["kamcmd", "-s", self.ctl, *args], capture_output=True,
+        out = subprocess.run([kamcmd_binary(), "-s", self.ctl, *args], capture_output=True,
                              text=True, timeout=10)
         return out.stdout + out.stderr
 
