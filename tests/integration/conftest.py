@@ -53,6 +53,7 @@ class Stack:
 def start_stack(
     workdir: Path, certs: dict[str, Path], *, with_kamailio: bool = True, extra: str = "",
     engine: str = "openssl", listener_extra: str = "", daemon_extra: str = "",
+    handshake_timeout: float = 5.0,
 ) -> Stack:
     tls_port, sip_port, hairpin_port = (free_tcp_udp_port() for _ in range(3))
     engine, _, workers = engine.partition("-x")
@@ -61,6 +62,7 @@ def start_stack(
         sip_port=sip_port,
         certs=certs, run_dir=workdir, extra=extra, engine=engine, listener_extra=listener_extra,
         workers=int(workers or 1), daemon_extra=daemon_extra,
+        handshake_timeout=handshake_timeout,
     )
     kamailio = None
     daemon = None

@@ -173,8 +173,9 @@ def test_events_carry_the_facts_before_the_hairpin(stack: Stack) -> None:
     assert closed.ts >= est.ts  # seq counts per topic: these two are of different topics
 
 
-def test_kamailio_not_running(tmp_path: Path, certs: dict[str, Path]) -> None:
-    stack = start_stack(tmp_path, certs, with_kamailio=False)
+def test_kamailio_not_running(tmp_path: Path, certs: dict[str, Path], engine: str) -> None:
+    """On every engine variant (the module's `engine`), the daemon alone."""
+    stack = start_stack(tmp_path, certs, with_kamailio=False, engine=engine)
     try:
         for _ in range(2):
             ua = TlsUA(*stack.tls_addr, ca=stack.ca)
@@ -195,6 +196,11 @@ def test_kamailio_not_running(tmp_path: Path, certs: dict[str, Path]) -> None:
             )
         assert stack.daemon.alive()
         assert stack.daemon.request("ping")["pong"]
+        # It ran the variant asked for: the engine, and one or two workers.
+        started = stack.events.wait_for(lambda e: e.type == ev.DAEMON_STARTED)
+        assert started.fields.get("workers", 1) == (2 if engine.endswith("-x2") else 1)
+        base = engine.partition("-x")[0]
+        assert f"engine {base})" in stack.daemon.log.read_text(), stack.daemon.tail()
         stats = stack.daemon.request("stats")
         assert stats["counters"]["hairpin.failed.hairpin_failed"] == 2
         assert stats["open"] == 0
@@ -202,19 +208,23 @@ def test_kamailio_not_running(tmp_path: Path, certs: dict[str, Path]) -> None:
         stop_stack(stack)
 
 
-def test_handshake_timeout_closes_silent_clients(tmp_path: Path, certs: dict[str, Path]) -> None:
-    stack = start_stack(tmp_path, certs, with_kamailio=False,
-                        extra="")
+def test_handshake_timeout_closes_silent_clients(tmp_path: Path, certs: dict[str, Path],
+                                                 engine: str) -> None:
+    """On every engine variant (the module's `engine`): closed at handshake_timeout, not before."""
+    stack = start_stack(tmp_path, certs, with_kamailio=False, engine=engine,
+                        handshake_timeout=1.0)
     try:
         s = socket.create_connection(stack.tls_addr)
+        started = time.monotonic()
         peer = format_addr(*s.getsockname()[:2])
+        s.settimeout(5)
+        assert s.recv(10) == b""
+        took = time.monotonic() - started
+        assert 0.9 <= took < 3.0, f"closed after {took:.2f} s"
         failed = stack.events.wait_for(
             lambda e: e.type == ev.TLS_FAILED and e.conn.peer == peer, timeout=10
         )
         assert failed.reason == "handshake_timeout"
-        s.settimeout(2)
-        assert s.recv(10) == b""
         s.close()
     finally:
         stop_stack(stack)
-
