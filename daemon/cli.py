@@ -22,6 +22,7 @@ examples:
   tlsbridge events --json                            follow connection events
   tlsbridge dev-certs run/certs                      a development CA and server certificate
   tlsbridge import-tls-cfg /etc/kamailio/tls.cfg > /etc/tlsbridge/tlsbridge.toml
+  tlsbridge migrate-cfg --in-place /etc/kamailio/kamailio.cfg   TLS out of kamailio.cfg
 
 The configuration file is -c FILE, else $TLSBRIDGE_CONFIG, else /etc/tlsbridge/tlsbridge.toml.
 """
@@ -95,7 +96,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 for e in expiring(config, config.cert_expiry_days)]
     findings.append(kamcheck.check_run_dir(config))
     if args.kamailio_cfg:
-        findings += kamcheck.check_cfg_file(Path(args.kamailio_cfg), config)
+        findings += kamcheck.check_cfg_file(Path(args.kamailio_cfg), config, args.define)
     if not args.offline:
         findings.append(kamcheck.probe_hairpin(config))
     for level, message in findings:
@@ -216,10 +217,19 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_import_tls_cfg(args: argparse.Namespace) -> int:
-    from tlsbridge.daemon.tlscfg import main_import
+    from tlsbridge.daemon.tlscfg import Site, main_import
 
-    return main_import(args.path, sys.stdout, sys.stderr, tls_port=args.tls_port,
-                       hairpin=args.hairpin)
+    site = Site(tls_port=args.tls_port, hairpin=args.hairpin, listen_ip=args.listen_ip,
+                run_dir=args.run_dir, sip_address=args.sip_address)
+    return main_import(args.path, sys.stdout, sys.stderr, site)
+
+
+def cmd_migrate_cfg(args: argparse.Namespace) -> int:
+    from tlsbridge.daemon.migrate_cfg import Options, main_migrate
+
+    opts = Options(hairpin=args.hairpin, tls_address=args.tls_address,
+                   sip_address=args.sip_address, script=args.script)
+    return main_migrate(args.path, opts, args.define, args.in_place, args.out_dir)
 
 
 def cmd_engines(args: argparse.Namespace) -> int:
@@ -262,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
     p = sub.add_parser("check", parents=[common],
                        help="check configuration, certificates, Kamailio and its cfg")
-    p.add_argument("--kamailio-cfg", help="also check this kamailio.cfg for what the bridge needs")
+    p.add_argument("--kamailio-cfg", help="also check this kamailio.cfg for what the bridge "
+                   "needs, as Kamailio evaluates it (kamailio --cfg-print)")
+    p.add_argument("-A", "--define", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="a #!define for --kamailio-cfg, as kamailio's -A (repeatable)")
     p.add_argument("--offline", action="store_true", help="do not probe Kamailio's hairpin")
     p.set_defaults(func=cmd_check)
     sub.add_parser("ping", parents=[client], help="is the daemon answering?").set_defaults(
@@ -295,7 +308,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="tls.cfg (or a directory of them)")
     p.add_argument("--tls-port", type=int, default=5061, help="port of [server:default]")
     p.add_argument("--hairpin", default="127.0.0.1:5062", help="Kamailio's hairpin listener")
+    p.add_argument("--listen-ip", help="the address the daemon listens on for [server:default] "
+                   "(else a placeholder check refuses)")
+    p.add_argument("--run-dir", help="[daemon] run_dir (else a placeholder)")
+    p.add_argument("--sip-address", help="[kamailio] sip_address: where UDP peers reach "
+                   "Kamailio (else a placeholder)")
     p.set_defaults(func=cmd_import_tls_cfg)
+    p = sub.add_parser("migrate-cfg", help="take TLS out of a kamailio.cfg: the hairpin, the "
+                       "bridge's modules, python_exec calls in native routes (notes on stderr)")
+    p.add_argument("path", help="kamailio.cfg (files it includes are migrated too)")
+    p.add_argument("--hairpin", default="127.0.0.1:5062", help="the hairpin listener to add")
+    p.add_argument("--tls-address", default="127.0.0.1:5061",
+                   help="the daemon's public TLS address (alias=tls:...)")
+    p.add_argument("--sip-address", help="listen=udp: to add when the cfg has no UDP listener")
+    p.add_argument("--script", default="/etc/kamailio/tlsbridge_native.py",
+                   help="app_python3 script for native routing")
+    p.add_argument("-A", "--define", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="a #!define, as kamailio's -A (repeatable)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--in-place", action="store_true",
+                   help="rewrite the files (keeping FILE.pre-tlsbridge)")
+    g.add_argument("--out-dir", help="write the migrated files into this directory")
+    p.set_defaults(func=cmd_migrate_cfg)
     sub.add_parser("certs", parents=[common], help="configured certificates and their expiry"
                    ).set_defaults(func=cmd_certs)
     p = sub.add_parser("dev-certs", help="create a development CA and server certificate")

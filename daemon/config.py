@@ -18,6 +18,10 @@ ENGINE_NAMES = ("openssl", "pyopenssl", "gnutls")
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 
 
+# import-tls-cfg writes this where the operator must decide; a file that still has one is refused.
+PLACEHOLDER = "<set me:"
+
+
 class ConfigError(Exception):
     """A configuration that cannot run; the message names the file and the key."""
 
@@ -141,6 +145,9 @@ class _Section:
         return ConfigError(f"{self.path}: key '{self._key(key)}': {message}")
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        value = self.data.get(key)
+        if isinstance(value, str) and value.startswith(PLACEHOLDER):
+            raise self.fail(key, f"a placeholder ({value}): set it")
         if key not in self.data:
             if default is ...:
                 raise self.fail(key, "is required")
@@ -236,11 +243,14 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def _build(path: Path, root: _Section) -> Config:
     base = path.parent
     daemon = root.sub("daemon", {})
+    daemon.only("workers", "run_dir", "log_level", "handshake_timeout", "max_buffer",
+                "watch_files", "cert_expiry_days", "keylog_file")
     daemon.get("run_dir", str, DEFAULT_RUN_DIR)
     run_dir = run_dir_of(root.data, base)
     profiles = _profiles(root, base)
     listeners = _listeners(root, profiles)
     kam = root.sub("kamailio")
+    kam.only("hairpin", "proxy_protocol", "source_ip", "connect_timeout", "sip_address", "cfg")
     host, port = kam.address("hairpin")
     hairpin = Hairpin(
         host=host,
@@ -253,7 +263,9 @@ def _build(path: Path, root: _Section) -> Config:
     if "sip_address" in kam.data:
         kam.address("sip_address")
     zmq = root.sub("zmq", {})
+    zmq.only("events", "control", "events_hwm")
     out = root.sub("outbound", {})
+    out.only("connect_timeout", "idle_timeout")
     limits = root.sub("limits", {})
     limits.only("max_connections", "max_per_ip")
     clients = _clients(root, base)
@@ -265,6 +277,8 @@ def _build(path: Path, root: _Section) -> Config:
         if trunk.profile not in clients:
             raise ConfigError(f"{path}: key 'trunk.{trunk.name}.client': "
                               f"no [client.{trunk.profile}] table")
+    root.only("daemon", "limits", "kamailio", "zmq", "listener", "profile", "outbound",
+              "client", "trunk", "metrics")
     return Config(
         clients=clients,
         outbound=Outbound(

@@ -3,12 +3,15 @@ the bridge needs. Findings are (level, message) with level "ok", "warning" or "e
 
 from __future__ import annotations
 
-import re
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 from tlsbridge.daemon.config import Config
 from tlsbridge.shared.addr import format_addr
+from tlsbridge.shared.kamcfg import CfgError, load_cfg
+from tlsbridge.shared.kamreview import review_cfg
+from tlsbridge.shared.settings import load_settings
 
 Finding = tuple[str, str]
 
@@ -31,52 +34,14 @@ def probe_hairpin(config: Config, timeout: float = 2.0) -> Finding:
     return "warning", f"{where} accepted but did not answer a CRLF keep-alive (tcp_crlf_ping?)"
 
 
-def check_cfg(text: str, config: Config) -> list[Finding]:
-    lines = [ln.split("#", 1)[0].strip() for ln in text.splitlines()
-             if not ln.lstrip().startswith(("#!", "//"))]
-    body = "\n".join(lines)
-    out: list[Finding] = []
-
-    def setting(name: str) -> str | None:
-        m = re.search(rf"^\s*{name}\s*=\s*\"?([^\"\n]+?)\"?\s*$", body, re.M)
-        return m.group(1).strip() if m else None
-
-    want = {"tcp_accept_haproxy": "yes", "enable_tls": "no"}
-    for name, value in want.items():
-        got = setting(name)
-        if got is None and name == "enable_tls":
-            continue
-        level = "ok" if got in (value, "1" if value == "yes" else "0") else "error"
-        out.append((level, f"{name} = {got!r} (the bridge needs {value})"))
-    no_connect = setting("tcp_no_connect")
-    out.append(("ok" if no_connect in ("yes", "1") else "warning",
-                f"tcp_no_connect = {no_connect!r}: with yes, a reply to a TLS peer whose "
-                "connection is gone can never leave in plaintext"))
-    defer = setting("tcp_defer_accept")
-    out.append(("ok" if defer not in (None, "0", "no") else "warning",
-                f"tcp_defer_accept = {defer!r}: without it one silent connection stalls new ones"))
-    if re.search(r'loadmodule\s+"(?:[^"]*/)?tls\.so"', body):
-        out.append(("error", "tls.so is loaded: TLS is the bridge's job; remove it"))
-    if not re.search(r"^\s*alias\s*=\s*\"?tls:", body, re.M):
-        out.append(("warning", "no alias=tls:<public address>: in-dialog requests from TLS peers "
-                    "will not be recognised as addressed to Kamailio"))
-    hp = (config.hairpin.host, str(config.hairpin.port))
-    tcp = re.findall(r"^\s*listen\s*=\s*tcp:([^\s]+)", body, re.M)
-    others = [t for t in tcp if not t.endswith(f":{hp[1]}") and "HAIRPIN" not in t]
-    if others:
-        # tcp_accept_haproxy is global: every TCP listener believes PROXY headers.
-        out.append(("warning", f"other plain TCP listeners ({', '.join(others)}) would also "
-                    "believe PROXY headers: anyone reaching them can claim any address"))
-    if not tcp:
-        out.append(("warning", "no listen=tcp: line found for the hairpin listener"))
-    return out
-
-
-def check_cfg_file(path: Path, config: Config) -> list[Finding]:
+def check_cfg_file(path: Path, config: Config, defines: Sequence[str] = ()) -> list[Finding]:
+    """Review kamailio.cfg as Kamailio evaluates it (`--cfg-print`: #!ifdef, include_file,
+    import_file; `defines` as Kamailio's -A)."""
     try:
-        return check_cfg(path.read_text(), config)
-    except OSError as exc:
-        return [("error", f"cannot read {path}: {exc.strerror}")]
+        cfg = load_cfg(path, defines)
+    except CfgError as exc:
+        return [("error", str(exc))]
+    return review_cfg(cfg, load_settings(config.path))
 
 
 _MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")

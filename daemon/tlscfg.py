@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TextIO
 
+from tlsbridge.daemon.config import PLACEHOLDER
+from tlsbridge.daemon.engines.registry import FIXED_BEFORE_SNI
 from tlsbridge.shared.addr import format_addr, parse_addr
 
 __all__ = [
@@ -614,11 +616,30 @@ class _Listener:
     origin: str  # a comment line: where it comes from
     commented: bool = False  # written as a template the operator completes
     notes: list[str] = field(default_factory=list)
+    engine: str | None = None  # when the profiles chosen by SNI need one
+    engine_why: str = ""
+
+
+def placeholder(what: str) -> str:
+    """A value the operator must set: `tlsbridge check` refuses it until then."""
+    return f"{PLACEHOLDER} {what}>"
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """What a tls.cfg does not say: where the daemon listens and meets Kamailio."""
+
+    tls_port: int = 5061
+    hairpin: str = "127.0.0.1:5062"
+    listen_ip: str | None = None  # the address of the [server:default] listener
+    run_dir: str | None = None
+    sip_address: str | None = None
 
 
 class _Converter:
-    def __init__(self, cfg: TlsCfg, tls_port: int, hairpin: str) -> None:
-        self.cfg, self.tls_port, self.hairpin = cfg, tls_port, hairpin
+    def __init__(self, cfg: TlsCfg, site: Site) -> None:
+        self.cfg, self.site = cfg, site
+        self.tls_port, self.hairpin = site.tls_port, site.hairpin
         self.warnings: list[tuple[tuple[int, int], str]] = [((-1, 0), w) for w in cfg.warnings]
         self.sources = {sec.source: i for i, sec in reversed(list(enumerate(cfg.sections)))}
         self.global_notes: list[str] = list(cfg.warnings)
@@ -659,8 +680,20 @@ class _Converter:
             self.relative_paths = True
         elif not value.startswith("/"):
             self.relative_paths = True
+        self._exists(sec, key, value)
         table.set(key, value)
         return value
+
+    def _exists(self, sec: Section, key: str, value: str) -> None:
+        base = Path(sec.source).parent if Path(sec.source).is_file() else None
+        if base is None or value.startswith(_HSM_PREFIXES):
+            return
+        path = base / value
+        if key == "ca_path" and not path.is_dir():
+            self.warn(sec, key, f"directory {path} does not exist")
+        elif key != "ca_path" and not path.is_file():
+            self.warn(sec, key, f"file {path} does not exist: create it (Debian's tls.cfg "
+                      "names a certificate its package does not install) or change the path")
 
     @staticmethod
     def _names(sections: Iterable[Section], name_of: Callable[[Section], str],
@@ -885,7 +918,10 @@ class _Converter:
                       "SNI with this profile (the last for the address) and those whose SNI "
                       "matches no server_name with [server:default]; tlsbridge serves both "
                       "with this profile")
-        catch_all = _Listener(format_addr("0.0.0.0", self.tls_port), default.name,
+        address = format_addr(self.site.listen_ip, self.tls_port) if self.site.listen_ip \
+            else f"{placeholder('the IP the daemon listens on for TLS, e.g. 192.0.2.10')}:" \
+                 f"{self.tls_port}"
+        catch_all = _Listener(address, default.name,
                               [tables[s].name for s in reversed(anys)], default.section,
                               "[server:default]: Kamailio's TLS sockets without a profile of "
                               "their own (bind it to kamailio.cfg's listen=tls: addresses)")
@@ -1030,6 +1066,9 @@ class _Converter:
         default = self.server_table(srv_default, "default")
         tables = {s: self.server_table(s, names[s]) for s in servers}
         listeners = self.listeners(default, tables)
+        by_name = {t.name: t for t in (default, *tables.values())}
+        for lst in listeners:
+            self._engine_for(lst, by_name)
 
         clients = [s for s in secs if s.role == "client" and s.kind != "default"]
         cnames = self._names(clients, self._client_name_of, {"default"})
@@ -1049,6 +1088,34 @@ class _Converter:
         # Stable: in file order, and in the order they were found within a line.
         return ConversionResult(toml, [w for _, w in sorted(self.warnings, key=lambda w: w[0])])
 
+    def _engine_for(self, lst: _Listener, tables: dict[str, _Table]) -> None:
+        """The first engine that can switch, by SNI, everything the listener's profiles
+        differ in (each engine settles some keys before it sees the name)."""
+        if not lst.sni:
+            return
+        profiles = [tables[lst.profile], *(tables[n] for n in lst.sni)]
+        values = [{k: v for k, v, _ in t.items} for t in profiles]
+
+        def differing(keys: Iterable[str]) -> list[str]:
+            return sorted(k for k in set(keys) if len({repr(v.get(k)) for v in values}) > 1)
+
+        # optional_no_ca already asked for pyopenssl: openssl cannot do it.
+        forced = any(t.engine for t in profiles)
+        for engine, fixed in FIXED_BEFORE_SNI.items():  # openssl first: the default
+            if (engine == "openssl" and forced) or differing(fixed):
+                continue
+            if engine != "openssl":
+                lst.engine = engine
+                lst.engine_why = f"switches {', '.join(differing(k for v in values for k in v))}"\
+                                 " by SNI"
+            return
+        why = "; ".join(f"{engine} {', '.join(differing(fixed))}"
+                        for engine, fixed in FIXED_BEFORE_SNI.items())
+        raise TlsCfgError(lst.section.source, lst.section.line, 0,
+                          f"{lst.section.title}: no engine can switch the profiles of "
+                          f"{lst.address} by SNI; each settles keys in which they differ before "
+                          f"it sees the name ({why}): give them a listener each")
+
     def render(self, listeners: list[_Listener], profiles: list[_Table],
                clients: list[_Table]) -> str:
         src = _visible(self.cfg.source)
@@ -1061,14 +1128,20 @@ class _Converter:
                             f"Save this file in the directory of {src}, or make the paths "
                             "absolute.")
             out.append("#")
-        out += _comment("[daemon], [zmq] and [outbound] keep their defaults; see the README.")
+        out += _comment("[zmq] and [outbound] keep their defaults; see the README.")
         for note in self.global_notes:
             out += _comment(f"warning: {note}")
+        run_dir = self.site.run_dir or placeholder("a directory on tmpfs Kamailio can read, "
+                                                   "e.g. /run/tlsbridge")
+        sip = self.site.sip_address or placeholder("where UDP peers reach Kamailio, e.g. "
+                                                   "192.0.2.10:5060")
+        out += ["", "[daemon]", f"run_dir = {_toml_str(run_dir)}"]
         out += ["", "[kamailio]"]
         out += _comment("Kamailio drops tls.so and takes the decrypted connections here: "
                         f"listen=tcp:{self.hairpin} and tcp_accept_haproxy=yes in kamailio.cfg.")
         out += [f"hairpin = {_toml_str(self.hairpin)}",
-                "proxy_protocol = 1  # 2 only with Kamailio >= 5.8", ""]
+                "proxy_protocol = 1  # 2 only with Kamailio >= 5.8",
+                f"sip_address = {_toml_str(sip)}  # Record-Route towards non-TLS peers", ""]
         for lst in listeners:
             out += _comment(lst.origin)
             for note in lst.notes:
@@ -1077,6 +1150,8 @@ class _Converter:
                      f"profile = {_toml_str(lst.profile)}"]
             if lst.sni:
                 lines.append(f"profiles = {_toml_value(lst.sni)}  # by SNI, in Kamailio's order")
+            if lst.engine:
+                lines.append(f"engine = {_toml_str(lst.engine)}  # {lst.engine_why}")
             out += ["# " + line for line in lines] if lst.commented else lines
             out.append("")
         for kind, tables in (("profile", profiles), ("client", clients)):
@@ -1102,32 +1177,34 @@ class _Converter:
         return [*out, ""]
 
 
-def convert_tls_cfg(cfg: TlsCfg, *, tls_port: int = 5061,
-                    hairpin: str = "127.0.0.1:5062") -> ConversionResult:
+def convert_tls_cfg(cfg: TlsCfg, site: Site = Site()) -> ConversionResult:
     """Convert parsed profiles (see `convert`)."""
+    tls_port = site.tls_port
     if not isinstance(tls_port, int) or isinstance(tls_port, bool) or not 0 < tls_port < 65536:
         raise ValueError(f"tls_port must be a port number, got {tls_port!r}")
-    parse_addr(hairpin)  # ValueError for a bad hairpin
-    return _Converter(cfg, tls_port, hairpin).run()
+    parse_addr(site.hairpin)  # ValueError for a bad hairpin
+    if site.sip_address:
+        parse_addr(site.sip_address, default_port=5060)
+    return _Converter(cfg, site).run()
 
 
-def convert(text: str, *, source: str = "tls.cfg", tls_port: int = 5061,
-            hairpin: str = "127.0.0.1:5062") -> ConversionResult:
+def convert(text: str, *, source: str = "tls.cfg", **site: Any) -> ConversionResult:
     """Convert the text of a tls.cfg to a tlsbridge TOML configuration.
 
-    `source` names the file in messages and comments; `tls_port` is the port of the listener
-    for [server:default] (and of profiles for port 0); `hairpin` is Kamailio's plain TCP
-    listener. Raises TlsCfgError (with line numbers) for a tls.cfg Kamailio would refuse.
+    `source` names the file in messages and comments; `site` (Site's fields) says what a
+    tls.cfg does not:
+    the port of the listener for [server:default] (and of profiles for port 0), its address,
+    Kamailio's hairpin listener, run_dir and sip_address (placeholders `check` refuses when
+    not given). Raises TlsCfgError (with line numbers) for a tls.cfg Kamailio would refuse, or
+    one no engine can serve.
     """
-    return convert_tls_cfg(parse_tls_cfg(text, source=source), tls_port=tls_port,
-                           hairpin=hairpin)
+    return convert_tls_cfg(parse_tls_cfg(text, source=source), Site(**site))
 
 
-def main_import(path: str, out: TextIO, err: TextIO, *, tls_port: int = 5061,
-                hairpin: str = "127.0.0.1:5062") -> int:
+def main_import(path: str, out: TextIO, err: TextIO, site: Site = Site()) -> int:
     """`tlsbridge import-tls-cfg PATH`: the TOML to `out`, warnings to `err`; 0, or 2 on error."""
     try:
-        result = convert_tls_cfg(read_tls_cfg(path), tls_port=tls_port, hairpin=hairpin)
+        result = convert_tls_cfg(read_tls_cfg(path), site)
     except OSError as exc:
         err.write(f"error: cannot read {path}: {exc.strerror or exc}\n")
         return 2

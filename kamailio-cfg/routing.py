@@ -25,6 +25,9 @@ bridge = TlsBridge(default_config_path(__file__))
 
 
 def mod_init():
+    # Reviews the cfg Kamailio runs: an error (no hairpin listener, tls.so, native routes
+    # beside cfgengine, ...) is logged and Kamailio does not start.
+    bridge.check_kamailio()
     return kamailio()
 
 

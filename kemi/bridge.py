@@ -28,8 +28,10 @@ from tlsbridge.shared.client import ControlClient
 from tlsbridge.shared.events import ConnRef, Event, SeqTracker, decode_event
 from tlsbridge.shared.facts import CertInfo, TlsFacts
 from tlsbridge.shared.factsmap import FactsMapReader, decode_entry, decode_tls
+from tlsbridge.shared.kamcfg import CfgError, KamailioCfg, kamailio_argv_cfg, load_cfg, udp_address
+from tlsbridge.shared.kamreview import Finding, errors, review_cfg
 from tlsbridge.shared.lookup import LookupClient, LookupUnavailable
-from tlsbridge.shared.settings import Trunk, load_settings
+from tlsbridge.shared.settings import DEFAULT_RUN_DIR, BridgeSettings, Trunk, load_settings
 
 DEFAULT_CONFIG = "/etc/tlsbridge/tlsbridge.toml"
 HTABLE = "tlsb"
@@ -46,6 +48,10 @@ def _ksr() -> Any:
     import KSR  # only importable inside Kamailio (or with tlsbridge.kemi.testing installed)
 
     return KSR
+
+
+class KamailioCfgRefused(RuntimeError):
+    """Kamailio's cfg would break TLS through the bridge; the message says what to change."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +92,7 @@ class TlsBridge(RoutingMixin):
         facts_in_htable: bool = False,
     ) -> None:
         settings_trunks: dict[str, Trunk] = {}
+        self.run_dir = Path(DEFAULT_RUN_DIR)
         if hairpin is None or control is None or events is None:
             settings = load_settings(
                 config or os.environ.get("TLSBRIDGE_CONFIG") or DEFAULT_CONFIG
@@ -96,6 +103,7 @@ class TlsBridge(RoutingMixin):
             tls_public = tls_public if tls_public is not None else settings.tls_public
             sip_address = sip_address or settings.sip_address
             settings_trunks = settings.trunks
+            self.run_dir = settings.run_dir
             lookup_socket = lookup_socket if lookup_socket is not None else settings.lookup_socket
             facts_map = facts_map if facts_map is not None else settings.facts_map
         self.trunks = dict(trunks if trunks is not None else settings_trunks)
@@ -141,6 +149,40 @@ class TlsBridge(RoutingMixin):
         self._sub = None
         self._cache.clear()
         return 0
+
+    def check_kamailio(self, cfg: KamailioCfg | None = None) -> list[Finding]:
+        """Call at start-up (mod_init) inside Kamailio: reviews the cfg Kamailio runs, as it
+        evaluates it. Logs what it finds and raises KamailioCfgRefused on an error, so that
+        Kamailio does not start with a cfg that would break TLS. Without [kamailio]
+        sip_address, Kamailio's one UDP listener is taken."""
+        KSR = _ksr()
+        if cfg is None:
+            try:
+                path, defines = kamailio_argv_cfg(
+                    Path("/proc/self/cmdline").read_bytes().decode().split("\0")[:-1])
+                cfg = load_cfg(path, defines)
+            except (OSError, CfgError) as exc:
+                KSR.warn(f"tlsbridge: kamailio.cfg not reviewed: {exc}\n")
+                return []
+        settings = BridgeSettings(self.run_dir, self.hairpin, self.events_endpoint,
+                                  self.control_endpoint, tls_public=self.tls_public,
+                                  sip_address=self.sip_address)
+        findings = review_cfg(cfg, settings, self.received_avp)
+        if self.sip_address is None:
+            self.sip_address = udp_address(cfg)
+            if self.sip_address is None:
+                findings.append(("error", "no [kamailio] sip_address in tlsbridge.toml, and no "
+                                 "single UDP listener with an address to take instead: set it "
+                                 "to where UDP peers reach Kamailio (Record-Route)"))
+        for level, message in findings:
+            if level == "error":
+                KSR.err(f"tlsbridge: {cfg.path}: {message}\n")
+            elif level == "warning":
+                KSR.warn(f"tlsbridge: {cfg.path}: {message}\n")
+        bad = errors(findings)
+        if bad:
+            raise KamailioCfgRefused(f"{cfg.path}: " + "; ".join(bad))
+        return findings
 
     # -- the current message ----------------------------------------------------------------
 

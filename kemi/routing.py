@@ -14,19 +14,21 @@ from typing import TYPE_CHECKING, Any
 
 from tlsbridge.kemi.uri import SipUri, parse_uri
 from tlsbridge.shared import control as ctl
-from tlsbridge.shared.addr import default_sni, is_ip, target_key
+from tlsbridge.shared.addr import default_sni, format_addr, is_ip, target_key
 from tlsbridge.shared.settings import Trunk
 
 if TYPE_CHECKING:
     from tlsbridge.kemi.bridge import BridgeConnection
     from tlsbridge.shared.client import ControlClient
 
-# Marks destinations (dst URI parameters never reach the wire): `tlsb=ok` rewritten to a
-# hairpin, `tlsb=in` a registered TLS UA (reached over its own connection, never dialled).
+# Marks a destination rewritten to a hairpin (`tlsb=ok`): dst URI parameters never reach the wire.
 MARK = "tlsb"
 RR_XAVP = "$xavp(tlsb=>rr)"
-
-_PIN = re.compile(rf";{MARK}=([^;>,\s]+)")
+# Record-Route parameters naming the TLS connection in-dialog requests take: `tls-dn` towards
+# the callee, `tls-up` towards the caller. With `ftag` they need nothing of rr's own direction
+# (is_direction wants append_fromtag=1, which Debian's stock cfg leaves off).
+PIN_DOWN, PIN_UP = "tls-dn", "tls-up"
+_ROUTE = re.compile(r"<([^>]*)>")
 
 # prepare_relay() results
 RELAY, SUSPENDED, FAILED = 1, 0, -1
@@ -50,6 +52,7 @@ class RoutingMixin:
     """The transport half of `TlsBridge` (see its docstring for how a script uses it)."""
 
     tls_public: dict[str, str]
+    hairpin: tuple[str, int]
     sip_address: str | None
     received_avp: str
     trunks: dict[str, Trunk]
@@ -77,7 +80,7 @@ class RoutingMixin:
             return
         pv = _ksr().pv
         peer = _hostport(str(pv.get("$si")), int(pv.get("$sp")))
-        pv.sets(self.received_avp, f"sip:{peer};transport=tls;{MARK}=in")
+        pv.sets(self.received_avp, f"sip:{peer};transport=tls")
 
     def record_route(self) -> None:
         """Instead of `rr.record_route()` for initial requests: the Record-Route is written per
@@ -114,7 +117,14 @@ class RoutingMixin:
         connection or not at all). Idempotent; also call it from the branch route."""
         KSR = _ksr()
         uri = self._target()
-        if uri is None or uri.params.get(MARK) == "ok" or not uri.is_tls:
+        if uri is None or uri.params.get(MARK) == "ok":
+            return RELAY
+        # A dialog's TLS side stays on its connection, whatever the Contact's transport says.
+        pinned = self._dialog_peer()
+        if pinned is not None:
+            self._over_hairpin(pinned)
+            return RELAY
+        if not uri.is_tls:
             return RELAY
         outcome = self._current_outcome()
         if outcome is not None:
@@ -123,13 +133,9 @@ class RoutingMixin:
                 return FAILED
             self._over_hairpin(outcome.peer)
             return RELAY
-        pinned = self._dialog_peer()
-        if pinned is not None:
-            self._over_hairpin(pinned)
-            return RELAY
         if KSR.is_method_in("AC"):
             resume_route = None  # ACK and CANCEL follow their INVITE; they never dial
-        if uri.params.get(MARK) == "in" or resume_route is None:
+        if resume_route is None or self._registered_here():
             self._over_hairpin(uri.hostport)
             return RELAY
         sni = uri.params.get("tlsb_sni") or default_sni(uri.host)
@@ -143,15 +149,26 @@ class RoutingMixin:
         return self._connect_and_suspend(uri.host, port, sni, profile, resume_route)
 
     def _dialog_peer(self) -> str | None:
-        """In a dialog set up over the bridge, requests towards the callee stay on the
-        connection the INVITE took (our Record-Route carries it as `tlsb=`): with two
-        identities to one server the callee's Contact alone does not say which."""
+        """In a dialog set up over the bridge, requests stay on the connections its initial
+        request took: our Record-Route names them (the callee's Contact alone does not say
+        which of two identities to one server, nor a phone's source port)."""
         KSR = _ksr()
-        if KSR.siputils.has_totag() < 0 or KSR.rr.is_direction("downstream") < 0:
+        if KSR.siputils.has_totag() < 0:
             return None
         routes = str(KSR.pv.get("$(hdr(Route)[*])") or "")
-        found = _PIN.search(routes)
-        return found.group(1) if found else None
+        for route in _ROUTE.findall(routes):
+            params = parse_uri(route).params if PIN_DOWN in route or PIN_UP in route else None
+            if params is None:
+                continue
+            downstream = params.get("ftag") == str(KSR.pv.get("$ft") or "")
+            return params.get(PIN_DOWN if downstream else PIN_UP) or None
+        return None
+
+    def _registered_here(self) -> bool:
+        """A destination from lookup() of a phone registered over a hairpin keeps the hairpin
+        listener as its send socket: such a phone is reached over its own connection, never
+        dialled."""
+        return str(_ksr().pv.get("$fs") or "") == f"tcp:{format_addr(*self.hairpin)}"
 
     def _over_hairpin(self, peer: str) -> None:
         KSR = _ksr()
@@ -224,11 +241,10 @@ class RoutingMixin:
             return
         # The top Record-Route is the side the request goes to.
         hops = [outside] if outside == inside else [outside, inside]
-        pin = None
-        if tls_out:
-            target = self._target()
-            pin = target.hostport if target else None
-        _ksr().hdr.insert(record_route_headers(hops, _ksr().pv.get("$ft"), pin))
+        target = self._target() if tls_out else None
+        down = target.hostport if target else None
+        up = found.conn.peer if found else None
+        _ksr().hdr.insert(record_route_headers(hops, _ksr().pv.get("$ft"), down, up))
 
     def _target(self) -> SipUri | None:
         pv = _ksr().pv
@@ -268,10 +284,13 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def record_route_headers(hops: list[str], from_tag: str | None, pin: str | None = None) -> str:
-    """Record-Route header lines, top first; `r2=on` marks the double Record-Route, `tlsb`
-    the hairpin peer later requests towards the callee must use."""
+def record_route_headers(hops: list[str], from_tag: str | None, down: str | None = None,
+                         up: str | None = None) -> str:
+    """Record-Route header lines, top first; `r2=on` marks the double Record-Route, `tls-dn`
+    and `tls-up` the TLS connections of the callee's and the caller's side."""
     params = ";lr" + (";r2=on" if len(hops) > 1 else "") + (f";ftag={from_tag}" if from_tag else "")
-    if pin:
-        params += f";{MARK}={pin}"
+    if down:
+        params += f";{PIN_DOWN}={down}"
+    if up:
+        params += f";{PIN_UP}={up}"
     return "".join(f"Record-Route: <sip:{hop}{params}>\r\n" for hop in hops)

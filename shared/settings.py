@@ -85,6 +85,9 @@ def load_settings(path: str | Path) -> BridgeSettings:
     )
 
 
+TRUNK_KEYS = ("address", "sni", "client", "prefixes", "domains")
+
+
 def trunks_of(raw: dict[str, Any], path: Path) -> dict[str, Trunk]:
     """`[trunk.NAME]` tables; raises ValueError naming the file and key."""
     trunks = {}
@@ -92,6 +95,10 @@ def trunks_of(raw: dict[str, Any], path: Path) -> dict[str, Trunk]:
         where = f"{path}: key 'trunk.{name}"
         if not isinstance(t, dict):
             raise ValueError(f"{where}' must be a table")
+        unknown = sorted(set(t) - set(TRUNK_KEYS))
+        if unknown:
+            raise ValueError(f"{where}.{unknown[0]}': unknown key; known keys: "
+                             f"{', '.join(TRUNK_KEYS)}")
         try:
             host, port = parse_addr(str(t["address"]), default_port=5061)
         except (KeyError, ValueError) as exc:

@@ -36,7 +36,7 @@ PathLike = str | os.PathLike[str]
 # What an engine fixes before it learns the SNI, so a listener's SNI profiles must agree with
 # its default profile on it (the pyopenssl and gnutls modules say why). openssl: as pyopenssl,
 # and Python's ssl cannot set the verify mode of a connection (OpenSSL keeps the first one).
-_FIXED_BEFORE_SNI = {
+FIXED_BEFORE_SNI = {
     "openssl": ("verify_client", "crl", "min_version", "max_version", "groups"),
     "pyopenssl": ("min_version", "max_version", "tls13_ciphersuites", "groups", "verify_depth"),
     "gnutls": ("min_version", "max_version", "alpn"),
@@ -179,7 +179,7 @@ def listener_engine_factory(
 def _same_before_sni(name: str, default: ServerProfile,
                      sni_profiles: Sequence[ServerProfile]) -> None:
     for p in sni_profiles:
-        for key in _FIXED_BEFORE_SNI[name]:
+        for key in FIXED_BEFORE_SNI[name]:
             if getattr(p, key) != getattr(default, key):
                 raise ConfigError(
                     f"profile '{p.name}': engine {name} settles '{key}' before it sees the SNI, "

@@ -317,3 +317,48 @@ def test_check_warns_when_the_facts_map_would_live_on_a_disk(etc: Path) -> None:
     on_disk = load_config(write(etc, VALID.replace('run_dir = "run"', 'run_dir = "/srv/tb"')))
     level, message = kamcheck.check_run_dir(on_disk, MOUNTS)
     assert level == "warning" and "ext4" in message and "/run" in message
+
+
+FULL = VALID + """
+[limits]
+max_connections = 10
+
+[outbound]
+idle_timeout = 60.0
+
+[metrics]
+listen = "127.0.0.1:9461"
+
+[client.default]
+ca_list = "certs/ca.pem"
+
+[trunk.carrier]
+address = "127.0.0.1:5071"
+"""
+
+
+@pytest.mark.parametrize(("table", "after"), [
+    ("daemon", 'log_level = "debug"\n'),
+    ("kamailio", "proxy_protocol = 2\n"),
+    ("zmq", "events_hwm = 5000\n"),
+    ("profile.default", 'alpn = ["sip"]\n'),
+    ("listener[0]", 'address = "0.0.0.0:5061"\n'),
+    ("limits", "max_connections = 10\n"),
+    ("outbound", "idle_timeout = 60.0\n"),
+    ("metrics", 'listen = "127.0.0.1:9461"\n'),
+    ("client.default", 'ca_list = "certs/ca.pem"\n\n[trunk'),
+    ("trunk.carrier", 'address = "127.0.0.1:5071"\n'),
+])
+def test_a_misspelt_key_is_refused_in_every_table(etc: Path, table: str, after: str) -> None:
+    load_config(write(etc, FULL))  # the file is valid without the typo
+    typo = "handshake_timeot = 3.0\n"
+    text = edit(FULL, after, after.replace("\n", "\n" + typo, 1))
+    with pytest.raises(ConfigError) as err:
+        load_config(write(etc, text))
+    assert str(etc / "tlsbridge.toml") in str(err.value)
+    assert f"'{table}.handshake_timeot'" in str(err.value)
+
+
+def test_an_unknown_table_is_refused(etc: Path) -> None:
+    with pytest.raises(ConfigError, match=r"key 'kamalio': unknown key"):
+        load_config(write(etc, VALID + "\n[kamalio]\nhairpin = '127.0.0.1:5062'\n"))

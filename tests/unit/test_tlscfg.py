@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tlsbridge.daemon.config import Config, load_config
+from tlsbridge.daemon.config import Config, ConfigError, load_config
 from tlsbridge.daemon.tlscfg import (
     ConversionResult,
     TlsCfgError,
@@ -73,7 +73,8 @@ def load(tmp_path: Path, pems: dict[str, bytes], name: str, text: str | None = N
         shutil.copy(DATA / name, cfg)
     else:
         cfg.write_text(text)
-    result = convert(cfg.read_text(), source=name, **kw)
+    site = {"listen_ip": "0.0.0.0", "run_dir": "run", "sip_address": "192.0.2.10:5060"}
+    result = convert(cfg.read_text(), source=name, **(site | kw))
     materialize(result.toml, tmp_path, pems)
     toml = tmp_path / "tlsbridge.toml"
     toml.write_text(result.toml)
@@ -330,7 +331,7 @@ def test_profiles_do_not_inherit_from_default() -> None:
 
 def test_any_profiles_skip_an_address_without_server_name() -> None:
     data, result = convert_toml("[server:192.0.2.1:5061]\n[server:any]\nserver_name = a.example\n",
-                                tls_port=5070)
+                                tls_port=5070, listen_ip="0.0.0.0")
     assert [(x["address"], x.get("profiles")) for x in data["listener"]] == [
         ("192.0.2.1:5061", None), ("0.0.0.0:5070", ["a_example"])]
     warned(result, "[server:192.0.2.1:5061]:", "never looks at SNI")
@@ -359,7 +360,8 @@ def test_port_zero() -> None:
 
 
 def test_hairpin_and_tls_port() -> None:
-    data, _ = convert_toml("[server:default]\n", hairpin="[::1]:6000", tls_port=5071)
+    data, _ = convert_toml("[server:default]\n", hairpin="[::1]:6000", tls_port=5071,
+                           listen_ip="0.0.0.0")
     assert data["kamailio"]["hairpin"] == "[::1]:6000"
     assert data["listener"] == [{"address": "0.0.0.0:5071", "profile": "default"}]
     with pytest.raises(ValueError, match="port"):
@@ -522,3 +524,76 @@ def test_main_import_directory(tmp_path: Path) -> None:
     assert data["client"]["default"]["verify_server"] is True
     assert "directory order" in err.getvalue()
     assert f"{tmp_path}/tls.d/20-client.cfg:2: [client:default]" in err.getvalue()
+
+
+def test_what_tls_cfg_does_not_say_is_a_placeholder_check_refuses(
+        tmp_path: Path, pems: dict[str, bytes]) -> None:
+    text = "[server:default]\ncertificate = certs/server.pem\nprivate_key = certs/server.key\n"
+    toml = convert(text).toml
+    materialize(toml, tmp_path, pems)
+    path = tmp_path / "tlsbridge.toml"
+    # Refused one by one, in the order the loader reads them, until each is set.
+    for key, value in (("daemon.run_dir", "run"), ("listener[0].address", "127.0.0.1:5061"),
+                       ("kamailio.sip_address", "192.0.2.10:5060")):
+        path.write_text(toml)
+        with pytest.raises(ConfigError, match=rf"key '{re.escape(key)}': a placeholder"):
+            load_config(path)
+        name = key.rpartition(".")[2]
+        toml = re.sub(rf'^{name} = "<set me:[^"]*"', f'{name} = "{value}"', toml, flags=re.M)
+    path.write_text(toml)
+    load_config(path)
+
+
+def test_options_fill_the_site(tmp_path: Path, pems: dict[str, bytes]) -> None:
+    config, _ = load(tmp_path, pems, "x.cfg", "[server:default]\ncertificate = certs/server.pem\n"
+                     "private_key = certs/server.key\n", listen_ip="127.0.0.1", tls_port=5071,
+                     run_dir="rundir", sip_address="127.0.0.1:5070")
+    assert [lst.address for lst in config.listeners] == ["127.0.0.1:5071"]
+    assert config.run_dir == (tmp_path / "rundir").resolve()
+
+
+def test_missing_certificate_files_are_warned(tmp_path: Path) -> None:
+    cfg = tmp_path / "tls.cfg"
+    cfg.write_text("[server:default]\nprivate_key = /etc/kamailio/none.key\n"
+                   "certificate = missing.pem\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert main_import(str(cfg), out, err) == 0
+    assert f"certificate: file {tmp_path / 'missing.pem'} does not exist" in err.getvalue()
+    assert "private_key: file /etc/kamailio/none.key does not exist" in err.getvalue()
+
+
+SNI_VERIFY = """\
+[server:default]
+certificate = certs/server.pem
+private_key = certs/server.key
+[server:127.0.0.1:5061]
+certificate = certs/server.pem
+private_key = certs/server.key
+ca_list = certs/ca.pem
+verify_certificate = yes
+require_certificate = yes
+server_name = secure.example.com
+[server:127.0.0.1:5061]
+certificate = certs/server.pem
+private_key = certs/server.key
+server_name = www.example.com
+"""
+
+
+def test_profiles_that_verify_by_sni_get_an_engine_that_can(
+        tmp_path: Path, pems: dict[str, bytes]) -> None:
+    from tlsbridge.daemon.server import build_factories
+
+    config, _ = load(tmp_path, pems, "sni.cfg", SNI_VERIFY)
+    (lst,) = [x for x in config.listeners if x.sni_profiles]
+    assert lst.engine == "pyopenssl"
+    build_factories(config)  # what `tlsbridge check` and start-up build: accepted
+
+
+def test_profiles_no_engine_can_switch_by_sni_are_refused_with_the_reason() -> None:
+    text = SNI_VERIFY.replace("server_name = secure", "method = TLSv1.3\nserver_name = secure")
+    assert text != SNI_VERIFY
+    with pytest.raises(TlsCfgError, match=r"no engine can switch the profiles of 127.0.0.1:5061 "
+                       r"by SNI.*\(openssl min_version, verify_client; pyopenssl min_version; "
+                       r"gnutls min_version\)"):
+        convert(text)
