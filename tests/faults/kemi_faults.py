@@ -1,6 +1,7 @@
 # Test-only KEMI routing script for the fault and security tests (never a reference config).
 #
-# OPTIONS to this server: 200 with X-TLS (the facts the bridge gives, as the reference script).
+# OPTIONS to this server: 200 with X-TLS (the facts the bridge gives, as the reference script)
+#   and X-Facts-From (which of the bridge's sources gave them: map_hits, lookups, ...).
 # MESSAGE: 200 whose body is the request's body, with X-Body-SHA256 computed here, in Kamailio,
 #   over the body it received (the client checks both directions).
 # MESSAGE to user "flood" with "X-Flood: N": N replies, each carrying the request's body.
@@ -22,6 +23,7 @@ from tlsbridge.kemi import TlsBridge
 
 bridge = TlsBridge(os.environ["TLSBRIDGE_CONFIG"])
 NO_EVENTS = os.environ.get("TLSB_FAULTS_NO_EVENTS") == "1"
+FACTS_SOURCES = ("cache_hits", "map_hits", "htable_hits", "lookups", "lookup_failures")
 
 
 def mod_init():
@@ -61,7 +63,13 @@ class kamailio:
                 KSR.sl.sl_send_reply(200, "OK")
             return 1
         if KSR.is_OPTIONS():
+            before = dict(bridge.stats)
             found = bridge.connection()
+            # Where this message's facts came from: the worker's cache, the facts map, or the
+            # look-up (a miss, or an entry refused as stale), as the bridge counted it.
+            took = [k for k in FACTS_SOURCES if bridge.stats.get(k) != before.get(k)]
+            KSR.hdr.append_to_reply(f"X-Facts-From: {','.join(took) or 'none'}\r\n")
+            KSR.hdr.append_to_reply(f"X-Worker: {os.getpid()}\r\n")
             if found is not None:
                 t = found.tls
                 KSR.hdr.append_to_reply(
