@@ -165,6 +165,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "gnutls_handshake_set_timeout": (None, [_P, c_uint]),
     "gnutls_handshake_set_post_client_hello_function": (None, [_P, _HelloFunc]),
     "gnutls_record_recv": (c_ssize_t, [_P, c_void_p, c_size_t]),
+    "gnutls_record_check_pending": (c_size_t, [_P]),
     "gnutls_record_send": (c_ssize_t, [_P, c_void_p, c_size_t]),
     "gnutls_bye": (c_int, [_P, c_int]),
     "gnutls_alert_get": (c_int, [_P]),
@@ -934,6 +935,12 @@ class GnuTLSEngine(TlsEngine):
         chunks = []
         nonfatal = 0
         while not self.peer_closed:
+            if self._at_eof() and not lib.gnutls_record_check_pending(session):
+                # TCP FIN without close_notify after the last whole record: the stream ends
+                # here. (Asked for more, GnuTLS would invalidate the session, and with it the
+                # replies still due to the peer.)
+                self.peer_closed = True
+                break
             before = len(self._st.inbuf)
             n = lib.gnutls_record_recv(session, buf, _RECORD_SIZE)
             if n > 0:
