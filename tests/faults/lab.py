@@ -372,6 +372,7 @@ class RawTls:
         self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
         self.framer = StreamFramer()
         self.queue: list[bytes] = []
+        self.plaintext_in = 0  # bytes of plaintext read so far
 
     @property
     def local(self) -> tuple[str, int]:
@@ -400,6 +401,8 @@ class RawTls:
         if out:
             self.sock.sendall(out)
 
+    flush = _flush
+
     def send(self, plaintext: bytes) -> None:
         self.obj.write(plaintext)
         self._flush()
@@ -411,9 +414,13 @@ class RawTls:
         end = time.monotonic() + timeout
         while not self.queue:
             try:
-                data = self.obj.read(65536)
+                try:
+                    data = self.obj.read(65536)
+                except ssl.SSLZeroReturnError:  # the peer's close_notify
+                    data = b""
                 if not data:
                     raise ConnectionError("TLS closed")
+                self.plaintext_in += len(data)
                 self.queue.extend(self.framer.feed(data))
                 continue
             except ssl.SSLWantReadError:

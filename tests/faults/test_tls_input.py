@@ -4,12 +4,14 @@ that says why), every other connection keeps working, nothing is lost, the daemo
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import socket
 import ssl
 import struct
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +22,11 @@ from tests.faults.lab import (
     Bystander,
     Lab,
     RawTls,
+    check_echo,
     daemon_healthy,
     lab_stack,
+    message_request,
+    random_body,
     wait_closed_event,
     wait_until,
 )
@@ -268,5 +273,45 @@ def test_proxy_header_inside_tls_is_not_believed(lab: Lab, bystander: Bystander)
         assert reply.get("X-Source") == format_addr(*ua.local)
     finally:
         ua.close()
+    bystander.check()
+    daemon_healthy(lab)
+
+
+FLOOD = 20
+
+
+@pytest.mark.parametrize("how", ["close_notify", "fin"])
+def test_half_close_from_the_client(lab: Lab, bystander: Bystander, how: str) -> None:
+    """README: a client's close_notify or FIN becomes a FIN to Kamailio while Kamailio's
+    replies still reach the client. The client asks for 20 replies and half-closes at once;
+    it must read all 20, whole, and then the end: Kamailio closes only because of the FIN it
+    got (without it the connection would stay open and the last read time out)."""
+    raw = RawTls(lab.tls_addr, lab.ca)
+    peer = format_addr(*raw.local)
+    try:
+        raw.handshake()
+        body = random_body(4096)
+        request = message_request(raw.local, f"sip:flood@127.0.0.1:{lab.tls_port}", body,
+                                  call_id=uuid.uuid4().hex, extra=[f"X-Flood: {FLOOD}"])
+        raw.send(request)
+        if how == "close_notify":
+            with contextlib.suppress(ssl.SSLWantReadError):
+                raw.obj.unwrap()  # writes our close_notify; we go on reading
+            raw.flush()
+        else:
+            raw.sock.shutdown(socket.SHUT_WR)  # a TCP FIN, no close_notify
+        replies = []
+        with pytest.raises(ConnectionError):
+            while True:
+                replies.append(raw.read_message(5))
+    finally:
+        raw.close()
+    assert len(replies) == FLOOD, f"{len(replies)} of {FLOOD} replies reached the client"
+    for reply in replies:
+        check_echo(reply, body)
+    closed = wait_closed_event(lab, peer)
+    assert closed.reason == "closed", closed.fields
+    assert closed.fields["bytes_in"] == len(request)
+    assert closed.fields["bytes_out"] == raw.plaintext_in
     bystander.check()
     daemon_healthy(lab)

@@ -697,3 +697,20 @@ def test_eof_after_data_already_read(cli_engine: str, srv_engine: str, certs: Pa
     srv.receive_eof()
     assert srv.read() == b""
     assert srv.peer_closed
+
+
+@pair_params
+def test_fin_without_close_notify_leaves_the_other_half_open(cli_engine: str, srv_engine: str,
+                                                             certs: Path) -> None:
+    """A TCP FIN without close_notify ends what the peer sends, not what it is sent: the
+    replies still due to it (Kamailio's, in the relay) must reach it."""
+    cli, srv = connected(cli_engine, srv_engine, certs)
+    cli.write(b"request")
+    pump(cli, srv)
+    assert srv.read() == b"request"
+    srv.receive_eof()  # the client's FIN, no close_notify before it
+    assert srv.read() == b""
+    assert srv.peer_closed
+    srv.write(b"the reply")
+    cli.receive(srv.outgoing())
+    assert cli.read() == b"the reply"
