@@ -5,6 +5,8 @@
 # MESSAGE: 200 whose body is the request's body, with X-Body-SHA256 computed here, in Kamailio,
 #   over the body it received (the client checks both directions).
 # MESSAGE to user "flood" with "X-Flood: N": N replies, each carrying the request's body.
+# MESSAGE to user "sink": no reply; htable tlsb counts sink_ok (the body's sha256 equals its
+#   X-Body-SHA256 header) or sink_bad.
 # OPTIONS to user "close": 200, then Kamailio closes the hairpin (tcpops).
 # With TLSB_FAULTS_NO_EVENTS=1 in Kamailio's environment, the rtimer never subscribes to events.
 
@@ -52,6 +54,10 @@ class kamailio:
         if KSR.is_MESSAGE():
             body = KSR.pv.get("$rb") or ""
             digest = hashlib.sha256(body.encode("utf-8", "surrogateescape")).hexdigest()
+            if user == "sink":  # no reply: count in htable whether the body arrived intact
+                intact = digest == (KSR.pv.get("$hdr(X-Body-SHA256)") or "")
+                KSR.htable.sht_inc("tlsb", "sink_ok" if intact else "sink_bad")
+                return 1
             KSR.hdr.append_to_reply(f"X-Body-SHA256: {digest}\r\n")
             KSR.hdr.append_to_reply(f"X-Body-Length: {len(body)}\r\n")
             if body:
