@@ -7,7 +7,7 @@ VENV     := $(ROOT)/.venv
 PY       := $(VENV)/bin/python
 RUN      := $(ROOT)/run
 CFG      := $(ROOT)/kamailio-cfg
-APT_PKGS := kamailio kamailio-python3-modules python3-venv openssl gnutls-bin
+APT_PKGS := kamailio kamailio-python3-modules kamailio-tls-modules python3-venv openssl gnutls-bin
 PYTEST_ARGS ?=
 
 .PHONY: help deps venv certs up down status test test-long lint bench clean

@@ -108,6 +108,7 @@ class Kamailio(Proc):
         self, workdir: Path, *, sip_port: int, hairpin_port: int, tls_port: int,
         bridge_config: Path, script: Path = CFG / "routing.py", children: int = 2,
         extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
+        venv: str = sys.prefix,
     ) -> None:
         self.sip_port, self.hairpin_port = sip_port, hairpin_port
         self.ctl = f"unix:{workdir}/kamailio_ctl"
@@ -118,7 +119,7 @@ class Kamailio(Proc):
             "-A", f'KEMI_SCRIPT="{script}"', "-A", f'CTL_SOCKET="{self.ctl}"',
             "-Y", str(workdir), "-P", str(workdir / "kamailio.pid"), *extra_args,
         ]
-        full_env = dict(os.environ, TLSBRIDGE_VENV=sys.prefix,
+        full_env = dict(os.environ, TLSBRIDGE_VENV=venv,
                         TLSBRIDGE_CONFIG=str(bridge_config), **(env or {}))
         super().__init__("kamailio", argv, workdir / "kamailio.log", full_env)
 
@@ -199,12 +200,12 @@ engine = "{engine}"
 
 
 class Daemon(Proc):
-    def __init__(self, workdir: Path, config: Path) -> None:
+    def __init__(self, workdir: Path, config: Path, python: str = sys.executable) -> None:
         from tlsbridge.shared.settings import load_settings
 
         self.config = config
         self.settings = load_settings(config)
-        argv = [sys.executable, "-m", "tlsbridge.daemon.cli", "run", "-c", str(config)]
+        argv = [python, "-m", "tlsbridge.daemon.cli", "run", "-c", str(config)]
         super().__init__("tlsbridge", argv, workdir / "tlsbridge.log", dict(os.environ))
         self.client = ControlClient(self.settings.control_endpoint, timeout_ms=1000)
 
