@@ -103,6 +103,24 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def with_listener_aliases(workdir: Path, bridge_config: Path, tls_port: int) -> Path:
+    """The reference kamailio.cfg names the daemon's one TLS address (alias=tls:..:TLS_PORT).
+    For a daemon with more listeners, a cfg in `workdir` adds an alias for each of the others
+    and includes the reference one: Kamailio's start-up review (kemi check_kamailio) refuses
+    a listener that is not one of its own addresses."""
+    import tomllib
+
+    listeners = tomllib.loads(bridge_config.read_text()).get("listener", [])
+    extra = [lst.get("advertise") or lst["address"] for lst in listeners]
+    extra = [a for a in extra if not a.endswith(f":{tls_port}")]
+    if not extra:
+        return CFG / "kamailio.cfg"
+    cfg = workdir / "kamailio-aliases.cfg"
+    cfg.write_text("#!KAMAILIO\n" + "".join(f"alias=tls:{a}\n" for a in extra)
+                   + f'include_file "{CFG / "kamailio.cfg"}"\n')
+    return cfg
+
+
 class Kamailio(Proc):
     def __init__(
         self, workdir: Path, *, sip_port: int, hairpin_port: int, tls_port: int,
@@ -112,8 +130,9 @@ class Kamailio(Proc):
     ) -> None:
         self.sip_port, self.hairpin_port = sip_port, hairpin_port
         self.ctl = f"unix:{workdir}/kamailio_ctl"
+        cfg = with_listener_aliases(workdir, bridge_config, tls_port)
         argv = [
-            kamailio_binary(), "-f", str(CFG / "kamailio.cfg"), "-DD", "-E",
+            kamailio_binary(), "-f", str(cfg), "-DD", "-E",
             "-A", f"SIP_PORT={sip_port}", "-A", f"HAIRPIN_PORT={hairpin_port}",
             "-A", f"TLS_PORT={tls_port}", "-A", f"CHILDREN={children}",
             "-A", f'KEMI_SCRIPT="{script}"', "-A", f'CTL_SOCKET="{self.ctl}"',
