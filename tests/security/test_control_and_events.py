@@ -276,3 +276,25 @@ def test_connection_ids_of_the_wrong_type_are_bad_requests(
         bystander.check()  # still alive: nothing was killed
         daemon_healthy(lab)
         bystander.close()
+
+
+def test_every_new_subscriber_is_greeted_with_daemon_started(lab: Lab) -> None:
+    """README (events): daemon.started also goes to each new subscriber of it, so that one
+    that outlived a daemon learns of the restart at once; the second subscriber of a prefix
+    as much as the first."""
+    ctx = zmq.Context.instance()
+    subs: list[zmq.Socket] = []
+    try:
+        for i in range(3):
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, b"daemon.started")
+            sub.connect(lab.daemon.settings.events_endpoint)
+            subs.append(sub)
+            assert sub.poll(5000), f"subscriber {i + 1} was not greeted"
+            greeting = ev.decode_event(sub.recv_multipart())
+            assert greeting.type == ev.DAEMON_STARTED
+            assert greeting.fields["pid"] == lab.daemon.pid
+    finally:
+        for sub in subs:
+            sub.close(linger=0)

@@ -259,7 +259,14 @@ class EventTap:
         self._sock.connect(endpoint)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-        time.sleep(0.2)  # ZeroMQ's slow joiner: let the subscription reach the publisher
+        # ZeroMQ's slow joiner: events published before the subscription reaches the daemon
+        # are not ours. The daemon greets each new subscriber of daemon.started with one: once
+        # it is here, so is the subscription.
+        try:
+            self.wait_for(lambda e: e.type == "daemon.started", timeout=10)
+        except BaseException:
+            self.close()
+            raise
 
     def _run(self) -> None:
         while not self._stop.is_set():
