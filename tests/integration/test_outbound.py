@@ -16,7 +16,7 @@ import pytest
 import trustme
 
 from tests.integration.conftest import Stack, start_stack, stop_stack
-from tests.support.procs import Daemon, free_tcp_udp_port
+from tests.support.procs import Daemon, free_tcp_udp_port, wait_until
 from tests.support.sip import UdpUA, build_request
 from tests.support.trunk import SilentServer, TlsTrunk, TrunkConn
 from tests.support.ua import SipUA
@@ -314,7 +314,8 @@ def test_hanging_connects_do_not_delay_other_calls(world: World) -> None:
         baseline = [call_latency() for _ in range(30)]
         for ua, silent in zip(hangers, world.silent, strict=True):
             ua.invite(f"sips:x@127.0.0.1:{silent.port}")
-        time.sleep(0.2)
+        wait_until(lambda: all(s.held for s in world.silent), 5,
+                   "every silent server to hold the daemon's connection")
         loaded = [call_latency() for _ in range(200)]
         # Everything happened while the 20 TLS handshakes were hanging (2.5 s).
         assert all(s.held for s in world.silent)
@@ -373,6 +374,8 @@ def test_calls_to_a_trunk_after_the_daemon_crashed_and_restarted(world: World) -
         # A new connection: the daemon's o: key in htable.
         call_over_trunk(world, caller, "+8610555", len(world.good.conns) + 1)
         before = len(world.good.conns)
+        assert stack.kamailio is not None
+        assert "o:" in stack.kamailio.kamcmd("htable.dump", "tlsb")  # the o: key is there
         old_srcs = {e.src for e in stack.events.events}
         config, old = stack.daemon.config, stack.daemon
         os.killpg(old.popen.pid, signal.SIGKILL)
@@ -382,7 +385,9 @@ def test_calls_to_a_trunk_after_the_daemon_crashed_and_restarted(world: World) -
         # The rtimer reconnects and is greeted with daemon.started; it polls every 50 ms.
         stack.events.wait_for(lambda e: e.type == ev.DAEMON_STARTED and e.src not in old_srcs,
                               timeout=5)
-        time.sleep(0.5)
+        # ...and clears htable tlsb of the dead daemon's connections.
+        wait_until(lambda: "o:" not in stack.kamailio.kamcmd("htable.dump", "tlsb"), 5,
+                   "Kamailio's rtimer to forget the dead daemon's connections")
         call_over_trunk(world, caller, "+8610555", before + 1)
     finally:
         caller.close()

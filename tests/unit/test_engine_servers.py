@@ -40,6 +40,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening(port: int) -> bool:
+    out = subprocess.run(["ss", "-tlnH", f"sport = :{port}"], capture_output=True, text=True,
+                         timeout=10, check=True).stdout
+    return bool(out.strip())
+
+
 @contextlib.contextmanager
 def server(tool: str, certs: Path, version: str) -> Iterator[int]:
     program(TOOLS[tool], "openssl" if tool == "openssl" else "gnutls-bin")
@@ -57,17 +63,13 @@ def server(tool: str, certs: Path, version: str) -> Iterator[int]:
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL)
     try:
+        # Listening, seen from outside (ss): a probe connection would use s_server's one
+        # accept (-naccept 1).
         end = time.monotonic() + 10
-        while time.monotonic() < end:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            time.sleep(0.05)
-        if tool == "openssl":  # that probe used s_server's one accept: start it again
-            proc.kill()
-            proc.wait()
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL)
-            time.sleep(0.5)
+        while not listening(port):
+            assert proc.poll() is None, f"{argv[0]} exited with {proc.returncode}"
+            assert time.monotonic() < end, f"{argv[0]} does not listen on {port}"
+            time.sleep(0.02)
         yield port
     finally:
         proc.kill()
