@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import Stack, start_stack, stop_stack
+from tests.support.procs import wait_until
 from tests.support.sip import TlsUA, build_request
 from tlsbridge.shared import events as ev
 from tlsbridge.shared.addr import format_addr
@@ -126,7 +127,12 @@ def test_client_dropping_mid_message_is_published_and_others_are_served(
     msg = build_request("OPTIONS", f"sip:127.0.0.1:{stack.tls_port}", via_proto="TLS",
                         local=ua.local)
     ua.send(msg[: len(msg) // 2])
-    time.sleep(0.3)  # the half message reaches the daemon (an RST would purge it in the kernel)
+
+    def relayed() -> int:  # the half message reached the daemon (an RST would purge it)
+        return {c["conn"]["peer"]: c["bytes_in"]
+                for c in stack.daemon.request("list")["conns"]}.get(peer, 0)
+
+    wait_until(lambda: relayed() == len(msg) // 2, 5, "the half message to reach the daemon")
     if how == "rst":  # an abortive close, as a crashing client's kernel does
         ua.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
         ua.sock.close()

@@ -103,7 +103,9 @@ def test_subscriber_that_stops_reading(tmp_path: Path, fault_certs: dict[str, Pa
         stuck.setsockopt(zmq.SUBSCRIBE, b"")
         stuck.connect(lab.daemon.settings.events_endpoint)
         try:
-            time.sleep(0.3)
+            # Subscribed once greeted (then it reads nothing more).
+            assert stuck.poll(5000), "the stuck subscriber was never greeted"
+            assert ev.decode_event(stuck.recv_multipart()).type == ev.DAEMON_STARTED
             # Many cheap events: TCP connections that close before any handshake
             # (tls.failed + conn.closed each), while the stuck subscriber reads nothing.
             started, made = time.monotonic(), 0
@@ -247,7 +249,12 @@ def test_ops_on_unknown_connections_answer_not_found(lab: Lab) -> None:
             with pytest.raises(ControlError) as refused:
                 lab.daemon.request(op, id=est.conn.id)
             assert refused.value.code == "not_found"
-        time.sleep(0.2)
+        # A second conn.closed would have been published before the events of a connection
+        # made after the kill (one publisher, one socket: in order).
+        later = lab.ua()
+        later_peer = format_addr(*later.local)
+        later.close()
+        lab.events.wait_for(lambda e: e.type == ev.CONN_CLOSED and e.conn.peer == later_peer)
         assert len([e for e in lab.events.of(ev.CONN_CLOSED) if e.conn.id == est.conn.id]) == 1
         bystander.check()
     finally:
