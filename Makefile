@@ -9,6 +9,13 @@ RUN      := $(ROOT)/run
 CFG      := $(ROOT)/kamailio-cfg
 APT_PKGS := kamailio kamailio-python3-modules kamailio-tls-modules python3-venv openssl gnutls-bin
 PYTEST_ARGS ?=
+# make up ROUTING=native: the reference routing in native cfg (routing-native.cfg) instead of KEMI
+ROUTING  ?= kemi
+ifeq ($(ROUTING),native)
+KAM_ROUTING := -A WITH_NATIVE_ROUTING -A 'KEMI_SCRIPT="$(CFG)/tlsbridge_native.py"'
+else
+KAM_ROUTING := -A 'KEMI_SCRIPT="$(CFG)/routing.py"'
+endif
 
 .PHONY: help deps venv certs up down status test test-long lint bench clean
 
@@ -49,7 +56,7 @@ up: venv certs
 	  echo "kamailio already running (pid $$(cat $(RUN)/kamailio.pid))"; \
 	else \
 	  TLSBRIDGE_VENV=$(VENV) TLSBRIDGE_CONFIG=$(CFG)/tlsbridge.toml \
-	  kamailio -f $(CFG)/kamailio.cfg -DD -E -A 'KEMI_SCRIPT="$(CFG)/routing.py"' \
+	  kamailio -f $(CFG)/kamailio.cfg -DD -E $(KAM_ROUTING) \
 	    -A 'CTL_SOCKET="unix:$(RUN)/kamailio_ctl"' -Y $(RUN) -P $(RUN)/kamailio.pid \
 	    >>$(RUN)/kamailio.log 2>&1 & \
 	  for i in $$(seq 50); do [ -s $(RUN)/kamailio.pid ] && break; sleep 0.1; done; \

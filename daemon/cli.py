@@ -228,7 +228,8 @@ def cmd_migrate_cfg(args: argparse.Namespace) -> int:
     from tlsbridge.daemon.migrate_cfg import Options, main_migrate
 
     opts = Options(hairpin=args.hairpin, tls_address=args.tls_address,
-                   sip_address=args.sip_address, script=args.script)
+                   sip_address=args.sip_address, script=args.script,
+                   bridge_config=args.bridge_config)
     return main_migrate(args.path, opts, args.define, args.in_place, args.out_dir)
 
 
@@ -321,8 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-address", default="127.0.0.1:5061",
                    help="the daemon's public TLS address (alias=tls:...)")
     p.add_argument("--sip-address", help="listen=udp: to add when the cfg has no UDP listener")
-    p.add_argument("--script", default="/etc/kamailio/tlsbridge_native.py",
-                   help="app_python3 script for native routing")
+    p.add_argument("--script", help="app_python3 script for native routing (default: "
+                   "tlsbridge_native.py beside the cfg, written when missing)")
+    p.add_argument("--bridge-config", default="/etc/tlsbridge/tlsbridge.toml",
+                   help="the daemon's TOML, which that script reads")
     p.add_argument("-A", "--define", action="append", default=[], metavar="NAME[=VALUE]",
                    help="a #!define, as kamailio's -A (repeatable)")
     g = p.add_mutually_exclusive_group()

@@ -10,7 +10,9 @@ the bridge itself (the README's KEMI module section).
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import sysconfig
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,15 @@ from tlsbridge.shared.kamcfg import KamailioCfg, load_cfg
 from tlsbridge.shared.kamreview import DEFAULT_RECEIVED_AVP
 
 MARK = "# tlsbridge:"
+TIMER_BLOCK = """\
+route[TLSB_TIMER] {
+	python_exec("tlsb_timer");
+	while (python_exec("tlsb_next_resume")) {
+		t_continue("$var(tlsb_index)", "$var(tlsb_label)", "$var(tlsb_route)");
+		$var(tlsb_rc) = $rc;
+		python_exec("tlsb_resumed");
+	}
+}"""
 TIMER_ROUTE = "TLSB_TIMER"
 BRANCH_ROUTE = "TLSB_BRANCH"
 
@@ -29,7 +40,25 @@ class Options:
     hairpin: str = "127.0.0.1:5062"
     tls_address: str = "127.0.0.1:5061"  # the daemon's public TLS address: Kamailio's alias
     sip_address: str | None = None  # listen=udp: to add when the cfg has no UDP listener
-    script: str = "/etc/kamailio/tlsbridge_native.py"  # app_python3 "load" for native routing
+    # app_python3 "load" for native routing: written beside the cfg when it does not exist
+    script: str | None = None
+    bridge_config: str = "/etc/tlsbridge/tlsbridge.toml"  # what that script reads
+
+
+SCRIPT = """\
+# Written by `tlsbridge migrate-cfg`: tlsbridge's helpers for native cfg routing, which
+# kamailio.cfg loads into app_python3 and calls with python_exec("tlsb_...").
+import os
+import site
+
+site.addsitedir({site_packages!r})  # where tlsbridge is installed
+
+from tlsbridge.kemi import native
+
+
+def mod_init():
+    return native.mod_init(os.environ.get("TLSBRIDGE_CONFIG") or {config!r})
+"""
 
 
 @dataclass
@@ -204,6 +233,14 @@ def migrate(path: Path, opts: Options, defines: Sequence[str] = ()) -> Migration
     cfg = load_cfg(path, defines)
     result = Migration()
     native = cfg.cfgengine is None
+    script = Path(opts.script) if opts.script else path.parent / "tlsbridge_native.py"
+    opts = dataclasses.replace(opts, script=str(script))
+    if native and cfg.modparam("app_python3", "load") is None and not script.exists():
+        # This interpreter's site-packages: a wheel's tlsbridge, or an editable install's
+        # .pth (site.addsitedir follows it).
+        result.files[script] = SCRIPT.format(site_packages=sysconfig.get_paths()["purelib"],
+                                             config=opts.bridge_config)
+        result.notes.append(f"{script}: written (app_python3 loads it)")
     if cfg.cfgengine and any(name for name in cfg.routes() if name != "event_route"):
         result.notes.append(f"{path}: cfgengine \"{cfg.cfgengine}\" beside native routes: "
                             "Kamailio runs one or the other; remove one of them")
@@ -222,8 +259,8 @@ def migrate(path: Path, opts: Options, defines: Sequence[str] = ()) -> Migration
                        "}"]
         result.notes.append(f"{path}: added branch_route[{BRANCH_ROUTE}]")
     if native:
-        main.lines += ["", f"route[{TIMER_ROUTE}] {{  {MARK} the rtimer route",
-                       '\tpython_exec("tlsb_timer");', "}"]
+        main.lines += ["", f"{MARK} the rtimer route: the daemon's events, and transactions "
+                       "waiting for a TLS connect", *TIMER_BLOCK.splitlines()]
     at = _after_last_loadmodule(main.lines)
     main.lines[at:at] = _bridge_block(opts, cfg, native)
     if not any(li.serves("udp") for li in cfg.listens) and not opts.sip_address:
@@ -270,7 +307,7 @@ def main_migrate(path: str, opts: Options, defines: Sequence[str], in_place: boo
     for p, text in result.files.items():
         if in_place:
             backup = p.with_name(p.name + ".pre-tlsbridge")
-            if not backup.exists():
+            if p.exists() and not backup.exists():
                 backup.write_text(p.read_text())
             p.write_text(text)
         elif out_dir:

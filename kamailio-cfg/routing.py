@@ -157,12 +157,14 @@ class kamailio:
         # TLS targets (sips:, ;transport=tls) go over the bridge, never in plaintext. One with
         # no connection yet: the daemon connects while the transaction waits (no worker
         # blocks), then this route runs again in the rtimer process and relays.
+        # It also runs as the resumed transaction's route: return an int (app_python3).
         if bridge.prepare_relay(resume_route="ksr_route_relay") != bridge.RELAY:
-            return
+            return 1
         KSR.tm.t_on_branch("ksr_branch_manage")
         if KSR.tm.t_relay() < 0:
             # tm has already replied (e.g. 477 when a TLS peer has no connection)
             KSR.err(f"relaying {KSR.pv.get('$rm')} to {KSR.pv.get('$ru')} failed\n")
+        return 1
 
     def ksr_branch_manage(self, msg):
         """Each branch decides its own transport and Record-Route (forking to TLS and UDP)."""

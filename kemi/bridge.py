@@ -113,8 +113,12 @@ class TlsBridge(RoutingMixin):
         # and caches them by $conid. On: the rtimer process also copies every connection's
         # facts into htable, which costs Kamailio ~0.1 ms per connection whether or not used.
         self.facts_in_htable = facts_in_htable
+        # Routing in native cfg: suspended transactions resume in a route[] block.
+        self.native_routes = False
         self._outcomes: dict[tuple[int, int], Outcome] = {}
         self._waiting: list[tuple[float, dict[str, Any], Outcome]] = []
+        self._due: list[tuple[float, dict[str, Any], Outcome]] = []
+        self._continuing: tuple[float, dict[str, Any], Outcome] | None = None
         self.tls_public = dict(tls_public or {})
         self.sip_address = sip_address
         self.received_avp = received_avp
@@ -354,9 +358,22 @@ class TlsBridge(RoutingMixin):
                 # A restarted daemon: the connections of the one before are gone.
                 _ksr().htable.sht_reset(self.htable)
             self.resync()
-        if self._waiting:
-            self._retry_resumes()
+        # Continued now; one that is not suspended yet is tried again at the next tick.
+        self._due, self._waiting = self._waiting, []
+        if not self.native_routes:
+            while (job := self.next_resume()) is not None:
+                self.resumed(self._continue(*job))
         return 1
+
+    def _continue(self, index: int, label: int, route: str) -> int:
+        try:
+            return _ksr().tmx.t_continue(index, label, route)
+        except (SystemError, TypeError) as exc:
+            # The route ran but did not return an int (app_python3 wants one): the
+            # transaction went on; the other transactions must not be lost with it.
+            _ksr().err(f"tlsbridge: {route} must return an int (it resumed transaction "
+                       f"{index}:{label}): {exc}\n")
+            return 1
 
     def _events_socket(self) -> zmq.Socket:
         if self._sub is None or self._sub_pid != os.getpid():
@@ -409,28 +426,38 @@ class TlsBridge(RoutingMixin):
                 sht.sht_rm(self.htable, f"o:{key}")
 
     def _resume(self, tags: Any, outcome: Outcome) -> None:
-        """Continue the transactions suspended for this connect (see prepare_relay)."""
+        """Queue the transactions suspended for this connect (see prepare_relay)."""
         now = time.monotonic()
         for tag in tags:
             if isinstance(tag, dict) and {"i", "l", "r"} <= tag.keys():
                 self._waiting.append((now + RESUME_RETRY_FOR, tag, outcome))
-        self._retry_resumes()
 
-    def _retry_resumes(self) -> None:
-        KSR = _ksr()
-        waiting, self._waiting = self._waiting, []
-        for deadline, tag, outcome in waiting:
-            ident = (int(tag["i"]), int(tag["l"]))
-            self._outcomes[ident] = outcome
-            try:
-                rc = KSR.tmx.t_continue(ident[0], ident[1], str(tag["r"]))
-            finally:
-                del self._outcomes[ident]
-            # A worker publishes its connect before it suspends: the outcome can be first.
-            if rc < 0 and time.monotonic() < deadline:
-                self._waiting.append((deadline, tag, outcome))
-            elif rc < 0:
-                KSR.err(f"tlsbridge: transaction {ident} could not be continued\n")
+    def next_resume(self) -> tuple[int, int, str] | None:
+        """The next transaction to continue: (index, label, route), its connect's outcome
+        made current for prepare_relay() in that route; then call `resumed()`. KEMI's
+        t_continue runs a function of the script, the cfg's a route[] block: the rtimer
+        route of native routing calls t_continue itself (kemi/native.py)."""
+        if not self._due:
+            return None
+        deadline, tag, outcome = self._due.pop(0)
+        ident = (int(tag["i"]), int(tag["l"]))
+        self._outcomes[ident] = outcome
+        self._continuing = (deadline, tag, outcome)
+        return ident[0], ident[1], str(tag["r"])
+
+    def resumed(self, rc: int) -> None:
+        """What t_continue returned for the transaction `next_resume()` gave."""
+        if self._continuing is None:
+            return
+        deadline, tag, outcome = self._continuing
+        self._continuing = None
+        ident = (int(tag["i"]), int(tag["l"]))
+        self._outcomes.pop(ident, None)
+        # A worker publishes its connect before it suspends: the outcome can be first.
+        if rc < 0 and time.monotonic() < deadline:
+            self._waiting.append((deadline, tag, outcome))
+        elif rc < 0:
+            _ksr().err(f"tlsbridge: transaction {ident} could not be continued\n")
 
     def resync(self) -> bool:
         """Refill htable from the daemon's connection list (after a gap or a daemon restart)."""

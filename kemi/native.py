@@ -39,6 +39,7 @@ def _cert(who: str, cert: CertInfo) -> Iterator[tuple[str, str | int]]:
     yield f"{who}_notAfter", cert.not_after
     yield f"{who}_selfsigned", int(cert.self_signed)
     yield f"{who}_raw_cert", cert.pem
+    yield f"{who}_fingerprint", cert.fingerprint_sha256
     for name, attr in _SAN_FIELDS:
         for value in getattr(cert, attr):
             yield f"{who}_san_{name}", value
@@ -69,6 +70,7 @@ class NativeBridge:
 
     def __init__(self, bridge: TlsBridge) -> None:
         self.bridge = bridge
+        bridge.native_routes = True
 
     def child_init(self, rank: int) -> int:
         return self.bridge.child_init(rank)
@@ -86,12 +88,15 @@ class NativeBridge:
             return -1
         pv = _ksr().pv
         pv.unset(f"$xavp({XAVP})")
-        # xavp assignment adds in front: set in reverse so that index 0 is the first value.
+        # `$xavp(tls=>x)` makes a new tls item each time; `tls[0]=>x` adds to the first one,
+        # in front: set in reverse so that index 0 is a field's first value.
+        root = f"$xavp({XAVP}=>"
         for name, value in reversed(facts_vars(found)):
             if isinstance(value, int):
-                pv.seti(f"$xavp({XAVP}=>{name})", value)
+                pv.seti(f"{root}{name})", value)
             else:
-                pv.sets(f"$xavp({XAVP}=>{name})", value)
+                pv.sets(f"{root}{name})", value)
+            root = f"$xavp({XAVP}[0]=>"
         return 1
 
     def tlsb_register(self, msg: Any, arg: str | None = None) -> int:
@@ -124,8 +129,26 @@ class NativeBridge:
         return 1
 
     def tlsb_timer(self, msg: Any, arg: str | None = None) -> int:
-        """The rtimer route: the daemon's events (outbound connects continue here)."""
+        """The rtimer route: the daemon's events; then continue what `tlsb_next_resume`
+        gives (see routing-native.cfg's route[TLSB_TIMER])."""
         self.bridge.drain_events()
+        return 1
+
+    def tlsb_next_resume(self, msg: Any, arg: str | None = None) -> int:
+        """True with $var(tlsb_index), $var(tlsb_label), $var(tlsb_route) set: a transaction
+        to t_continue() (its TLS connect is done); then python_exec("tlsb_resumed")."""
+        job = self.bridge.next_resume()
+        if job is None:
+            return -1
+        pv = _ksr().pv
+        pv.seti("$var(tlsb_index)", job[0])
+        pv.seti("$var(tlsb_label)", job[1])
+        pv.sets("$var(tlsb_route)", job[2])
+        return 1
+
+    def tlsb_resumed(self, msg: Any, arg: str | None = None) -> int:
+        """After t_continue(), with its result in $var(tlsb_rc)."""
+        self.bridge.resumed(int(_ksr().pv.get("$var(tlsb_rc)") or -1))
         return 1
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from tlsbridge.kemi.uri import SipUri, parse_uri
 from tlsbridge.shared import control as ctl
-from tlsbridge.shared.addr import default_sni, format_addr, is_ip, target_key
+from tlsbridge.shared.addr import default_sni, format_addr, is_ip, parse_addr, target_key
 from tlsbridge.shared.settings import Trunk
 
 if TYPE_CHECKING:
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 # Marks a destination rewritten to a hairpin (`tlsb=ok`): dst URI parameters never reach the wire.
 MARK = "tlsb"
 RR_XAVP = "$xavp(tlsb=>rr)"
+ADV_XAVP = "$xavp(tlsb_adv=>on)"  # a branch advertised the public TLS address
 # Record-Route parameters naming the TLS connection in-dialog requests take: `tls-dn` towards
 # the callee, `tls-up` towards the caller. With `ftag` they need nothing of rr's own direction
 # (is_direction wants append_fromtag=1, which Debian's stock cfg leaves off).
@@ -123,6 +124,8 @@ class RoutingMixin:
         pinned = self._dialog_peer()
         if pinned is not None:
             self._over_hairpin(pinned)
+            if KSR.is_ACK():  # forwarded statelessly: no branch route will advertise
+                self._advertise_tls()
             return RELAY
         if not uri.is_tls:
             return RELAY
@@ -225,9 +228,32 @@ class RoutingMixin:
         self.prepare_relay()
         uri = self._target()
         tls_out = uri is not None and uri.params.get(MARK) == "ok"
+        if tls_out:
+            self._advertise_tls()
+        elif _ksr().pv.get(ADV_XAVP):
+            self._advertise_none()
         if _ksr().pv.get(RR_XAVP):
             self._record_route_branch(tls_out)
         return 1
+
+    def _advertise_tls(self) -> None:
+        """Our Via towards a TLS peer names the public TLS address, as tls.so's would, not
+        the hairpin listener (Kamailio still writes TCP: it sees no TLS)."""
+        address = self._tls_address(None)  # as the Record-Route towards it
+        if address is None:
+            return
+        host, port = parse_addr(address.split(";", 1)[0])
+        KSR = _ksr()
+        KSR.set_advertised_address(host)
+        KSR.set_advertised_port(str(port))  # KEMI takes it as a string
+        KSR.pv.sets(ADV_XAVP, "1")
+
+    def _advertise_none(self) -> None:
+        """The advertised address outlives a branch: the next, non-TLS, one drops it."""
+        KSR = _ksr()
+        KSR.set_advertised_address("")
+        KSR.set_advertised_port("")
+        KSR.pv.unset(ADV_XAVP)
 
     def _record_route_branch(self, tls_out: bool) -> None:
         # Written as a header of this branch: the rr module allows one Record-Route per

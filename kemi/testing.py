@@ -215,7 +215,8 @@ class FakeKSR(types.ModuleType):
 
     State: `pvs` (pseudo-variables), `htables` (table -> dict), `logs` ((level, text) pairs),
     `replies` (Reply), `added_headers`, `removed_headers`, `reply_headers`, `headers` (the
-    current message's headers, for `KSR.hdr.get`), `modf_calls` and `modf_results`
+    current message's headers, for `KSR.hdr.get`), `advertised` (set_advertised_address and
+    _port), `modf_calls` and `modf_results`
     (`KSR.x.modf`: cfg-only functions such as tcpops' `tcp_get_conid`). Modules that are not
     modelled raise an AttributeError naming them; add your own stub as an attribute
     (`ksr.tm = MyTm()`).
@@ -233,6 +234,7 @@ class FakeKSR(types.ModuleType):
         self.headers: dict[str, str] = {}
         self.modf_calls: list[tuple[str, ...]] = []
         self.modf_results: dict[str, int] = {}
+        self.advertised: tuple[str | None, int | None] = (None, None)
         self.pv = _PV(self.pvs)
         self.htable = _HTable(self.htables)
         self.hdr = _Hdr(self)
@@ -278,6 +280,16 @@ class FakeKSR(types.ModuleType):
         return [text for lvl, text in self.logs if level is None or lvl == level]
 
     # -- core functions a script commonly calls ---------------------------------------------
+
+    def set_advertised_address(self, host: str) -> int:
+        self.advertised = (host or None, self.advertised[1])
+        return 1
+
+    def set_advertised_port(self, port: str) -> int:
+        if not isinstance(port, str):  # as Kamailio's KEMI: "kemi-param-s() argument 1"
+            raise TypeError(f"kemi-param-s() argument 1 must be str, not {type(port).__name__}")
+        self.advertised = (self.advertised[0], int(port) if port else None)
+        return 1
 
     def is_UDP(self) -> bool:  # Kamailio's spelling
         return (self.pvs.get("$pr") or "").lower() == "udp"

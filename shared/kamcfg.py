@@ -242,7 +242,7 @@ def _unquote(value: str) -> str:
 
 
 def _listen(value: str) -> Listen:
-    value = value.strip().strip('"')
+    value = value.replace('"', "").strip()
     main, _, advertise = value.partition(" advertise ")
     main = main.split()[0] if main.split() else main
     proto = ""

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 
 from tests.support.procs import (
+    CFG,
     Daemon,
     EventTap,
     Kamailio,
@@ -50,13 +52,23 @@ class Stack:
         return ("127.0.0.1", self.tls_port)
 
 
+def base_engine(variant: str) -> str:
+    """The TLS engine of an engine variant ("openssl-x2", "openssl-native": openssl)."""
+    return variant.partition("-x")[0].partition("-native")[0]
+
+
 def start_stack(
     workdir: Path, certs: dict[str, Path], *, with_kamailio: bool = True, extra: str = "",
     engine: str = "openssl", listener_extra: str = "", daemon_extra: str = "",
     handshake_timeout: float = 5.0,
 ) -> Stack:
     tls_port, sip_port, hairpin_port = (free_tcp_udp_port() for _ in range(3))
+    engine, native, _ = engine.partition("-native")
     engine, _, workers = engine.partition("-x")
+    routing: dict[str, Any] = {}
+    if native:  # the native cfg routes of routing-native.cfg, calling the bridge by python_exec
+        routing = {"script": CFG / "tlsbridge_native.py",
+                   "extra_args": ("-A", "WITH_NATIVE_ROUTING")}
     config = write_bridge_config(
         workdir / "tlsbridge.toml", tls_port=tls_port, hairpin_port=hairpin_port,
         sip_port=sip_port,
@@ -69,7 +81,7 @@ def start_stack(
     try:
         if with_kamailio:
             kamailio = Kamailio(workdir, sip_port=sip_port, hairpin_port=hairpin_port,
-                                tls_port=tls_port, bridge_config=config)
+                                tls_port=tls_port, bridge_config=config, **routing)
         daemon = Daemon(workdir, config)
         daemon.wait_ready()
         if kamailio:
@@ -94,8 +106,10 @@ def stop_stack(stack: Stack) -> None:
 # Every engine is collected, loadable here or not: one that does not load fails its tests
 # (tests/support/requirements.py), instead of silently dropping out of the suite.
 ENGINES = [engine_param(name) for name in all_engines()]
-# "openssl-x2": the openssl engine with a supervisor and two worker processes.
-VARIANTS = [*ENGINES, engine_param("openssl", "openssl-x2", id="openssl-x2")]
+# "openssl-x2": the openssl engine with a supervisor and two worker processes;
+# "openssl-native": Kamailio routing in native cfg (routing-native.cfg) instead of KEMI.
+VARIANTS = [*ENGINES, engine_param("openssl", "openssl-x2", id="openssl-x2"),
+            engine_param("openssl", "openssl-native", id="openssl-native")]
 
 
 @pytest.fixture(scope="module", params=VARIANTS)

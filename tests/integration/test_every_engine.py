@@ -28,7 +28,7 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from tests.integration.conftest import Stack, start_stack, stop_stack
+from tests.integration.conftest import Stack, base_engine, start_stack, stop_stack
 from tests.support.procs import wait_until
 from tests.support.requirements import program
 from tests.support.sip import TlsUA, build_request
@@ -100,7 +100,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, engine: str) -> Iterator[World]:
     d = tmp_path_factory.mktemp(f"every-engine-{engine}")
-    base = engine.partition("-x")[0]
+    base = base_engine(engine)
     ca = trustme.CA()
     ca.cert_pem.write_to_path(d / "ca.pem")
     issue(ca, d, "default", "localhost", "127.0.0.1")
@@ -305,7 +305,7 @@ def test_gnutls_cli_gets_its_answer(world: World) -> None:
     peer = re.search(r"peer=(\S+);", x_tls.group(1)).group(1)  # type: ignore[union-attr]
     est = world.stack.events.wait_for(lambda e: e.type == ev.TLS_ESTABLISHED
                                       and e.conn.peer == peer)
-    assert est.tls is not None and est.tls.engine == world.engine.partition("-x")[0]
+    assert est.tls is not None and est.tls.engine == base_engine(world.engine)
 
 
 @pytest.mark.parametrize("flag", ["-tls1", "-tls1_1"])

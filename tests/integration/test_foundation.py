@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Stack, start_stack, stop_stack
+from tests.integration.conftest import Stack, base_engine, start_stack, stop_stack
 from tests.support.procs import wait_until
 from tests.support.sip import TlsUA, build_request
 from tlsbridge.shared import events as ev
@@ -205,7 +205,7 @@ def test_kamailio_not_running(tmp_path: Path, certs: dict[str, Path], engine: st
         # It ran the variant asked for: the engine, and one or two workers.
         started = stack.events.wait_for(lambda e: e.type == ev.DAEMON_STARTED)
         assert started.fields.get("workers", 1) == (2 if engine.endswith("-x2") else 1)
-        base = engine.partition("-x")[0]
+        base = base_engine(engine)
         assert f"engine {base})" in stack.daemon.log.read_text(), stack.daemon.tail()
         stats = stack.daemon.request("stats")
         assert stats["counters"]["hairpin.failed.hairpin_failed"] == 2

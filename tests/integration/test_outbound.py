@@ -54,7 +54,7 @@ class Blackhole:
 
 class World:
     def __init__(self, tmp: Path, certs: dict[str, Path], engine: str) -> None:
-        base = engine.partition("-x")[0]
+        base = engine.partition("-x")[0].partition("-native")[0]
         ca = trustme.CA()
         ca.cert_pem.write_to_path(tmp / "trunk-ca.pem")
         good = ca.issue_cert("trunk.example.test", "alt.example.test", "127.0.0.1")

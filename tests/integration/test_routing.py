@@ -80,6 +80,8 @@ def test_udp_calls_registered_tls_ua(stack: Stack, ua_factory, bye_from: str) ->
     d_bob, d_alice, msgs = call(bob, alice, f"sip:{alice.user}@127.0.0.1:{stack.sip_port}")
     # The TLS callee sees the public TLS address on top, the UDP caller's side below it.
     assert msgs["invite"].first_line.startswith(f"INVITE {alice.contact} ")
+    # Our Via names the public TLS address, as tls.so's would; never the hairpin listener.
+    assert msgs["invite"].get("Via").startswith(f"SIP/2.0/TCP 127.0.0.1:{stack.tls_port};")
     assert_rr(msgs["invite"].get_all("Record-Route"), tls_rr(stack),
               f"127.0.0.1:{stack.sip_port}")
     if bye_from == "callee":
@@ -138,6 +140,9 @@ def test_forking_to_tls_and_udp_contacts(stack: Stack, ua_factory) -> None:
     # Each branch has its own transport decision and Record-Route.
     assert_rr(inv_tls.get_all("Record-Route"), tls_rr(stack), f"127.0.0.1:{stack.sip_port}")
     assert_rr(inv_udp.get_all("Record-Route"), f"127.0.0.1:{stack.sip_port}", None)
+    # The TLS branch's Via names the public TLS address; the UDP branch keeps Kamailio's own.
+    assert inv_tls.get("Via").startswith(f"SIP/2.0/TCP 127.0.0.1:{stack.tls_port};")
+    assert inv_udp.get("Via").startswith(f"SIP/2.0/UDP 127.0.0.1:{stack.sip_port};")
     # The UDP contact answers; the TLS one is cancelled.
     d_udp = _answer_ringing(on_udp, inv_udp)
     caller.wait_answer(d_caller)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import zmq
 
 from tlsbridge.kemi import testing
 from tlsbridge.kemi.bridge import HTABLE, BridgeConnection, TlsBridge
+from tlsbridge.kemi.routing import Outcome
 from tlsbridge.kemi.uri import parse_uri
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
@@ -951,3 +953,102 @@ def test_without_facts_in_htable_the_daemon_is_asked_once_per_connection(
     assert bridge.tls() == facts()
     assert bridge.tls() == facts()
     assert bridge.stats["htable_hits"] == 0 and daemon.ops() == ["lookup"]
+
+
+class _Tmx:
+    """tmx.t_continue: runs `route` like Kamailio, recording what prepare_relay decided."""
+
+    def __init__(self, bridge: TlsBridge, ksr: testing.FakeKSR) -> None:
+        self.bridge, self.ksr = bridge, ksr
+        self.calls: list[tuple[int, int, str]] = []
+        self.results: dict[int, Any] = {}
+
+    def t_continue(self, index: int, label: int, route: str) -> Any:
+        self.calls.append((index, label, route))
+        self.ksr.pvs.update({"$T(id_index)": index, "$T(id_label)": label})
+        result = self.results.get(index, 1)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+def _resume_events(publisher: Publisher, tags: list[dict[str, Any]]) -> None:
+    out = ConnRef(id=8, peer="203.0.113.9:5061", direction="out", hairpin="127.0.0.1:42000")
+    publisher.publish(ev.OUTBOUND_READY, out, tls=facts(), key="k", tags=tags)
+
+
+def test_a_resumed_route_that_returns_no_int_loses_no_other_transaction(
+        ksr: testing.FakeKSR, subscribed: TlsBridge, publisher: Publisher) -> None:
+    tmx = ksr.tmx = _Tmx(subscribed, ksr)
+    # app_python3 leaves an exception set when the route returns None (as KSR raises it).
+    tmx.results[1] = SystemError("<built-in function t_continue> returned a result with an "
+                                 "exception set")
+    _resume_events(publisher, [{"i": 1, "l": 10, "r": "ksr_route_relay"},
+                               {"i": 2, "l": 20, "r": "ksr_route_relay"}])
+    drain_count(subscribed, events=1)
+    assert tmx.calls == [(1, 10, "ksr_route_relay"), (2, 20, "ksr_route_relay")]
+    assert any("ksr_route_relay must return an int" in text for _, text in ksr.logs)
+
+
+def test_a_transaction_not_suspended_yet_is_continued_at_a_later_tick(
+        ksr: testing.FakeKSR, subscribed: TlsBridge, publisher: Publisher) -> None:
+    tmx = ksr.tmx = _Tmx(subscribed, ksr)
+    tmx.results[3] = -1  # the worker has published its connect but not suspended yet
+    _resume_events(publisher, [{"i": 3, "l": 30, "r": "ksr_route_relay"}])
+    drain_count(subscribed, events=1)
+    assert tmx.calls == [(3, 30, "ksr_route_relay")]
+    tmx.results[3] = 1
+    subscribed.drain_events()
+    assert tmx.calls == [(3, 30, "ksr_route_relay")] * 2
+    subscribed.drain_events()
+    assert len(tmx.calls) == 2  # continued once: done
+
+
+def test_native_routing_continues_in_its_own_route(
+        ksr: testing.FakeKSR, subscribed: TlsBridge, publisher: Publisher) -> None:
+    from tlsbridge.kemi.native import NativeBridge
+
+    native = NativeBridge(subscribed)
+    tmx = ksr.tmx = _Tmx(subscribed, ksr)
+    _resume_events(publisher, [{"i": 4, "l": 40, "r": "RELAY"}])
+    drain_count(subscribed, events=1)  # what tlsb_timer does
+    assert tmx.calls == []  # KEMI's t_continue would run no route[] block
+    assert native.tlsb_next_resume(None) == 1
+    assert (ksr.pvs["$var(tlsb_index)"], ksr.pvs["$var(tlsb_label)"],
+            ksr.pvs["$var(tlsb_route)"]) == (4, 40, "RELAY")
+    # Inside the continued route, prepare_relay sees the connect's outcome.
+    ksr.pvs.update({"$T(id_index)": 4, "$T(id_label)": 40})
+    assert subscribed._current_outcome() == Outcome("203.0.113.9:5061")
+    ksr.pvs["$var(tlsb_rc)"] = 1
+    assert native.tlsb_resumed(None) == 1
+    assert subscribed._current_outcome() is None
+    assert native.tlsb_next_resume(None) == -1
+
+
+class _RoutingKSR:
+    """The KSR calls a branch route makes, on top of FakeKSR's pseudo-variables."""
+
+    def __init__(self, ksr: testing.FakeKSR) -> None:
+        self.ksr = ksr
+        ksr.siputils = types.SimpleNamespace(has_totag=lambda: -1)
+        ksr.setdsturi = lambda uri: ksr.pvs.__setitem__("$du", uri) or 1
+        ksr.set_forward_no_connect = lambda: 1
+        ksr.is_method_in = lambda methods: False
+        ksr.is_ACK = lambda: False
+
+
+def test_only_a_tls_branch_advertises_the_public_tls_address(
+        ksr: testing.FakeKSR, make_bridge: Callable[..., TlsBridge]) -> None:
+    bridge = make_bridge(tls_public={"127.0.0.1:5061": "203.0.113.10:5061"})
+    _RoutingKSR(ksr)
+    ksr.message(peer="192.0.2.7:5060", method="INVITE")
+    ksr.modf_results["tcp_get_conid"] = 1  # the TLS phone has a live hairpin
+    # A TLS branch: our Via must name the public TLS address, not the hairpin.
+    ksr.pvs["$du"] = "sip:198.51.100.7:40001;transport=tls"
+    bridge.prepare_branch()
+    assert ksr.pvs["$du"] == "sip:198.51.100.7:40001;transport=tcp;tlsb=ok"
+    assert ksr.advertised == ("203.0.113.10", 5061)
+    # The next branch, to UDP: Kamailio would keep the address; the bridge drops it.
+    ksr.pvs["$du"] = "sip:192.0.2.8:5060"
+    bridge.prepare_branch()
+    assert ksr.advertised == (None, None)
