@@ -213,9 +213,15 @@ def lab_stack(workdir: Path, certs: dict[str, Path], *, with_kamailio: bool = Tr
     finally:
         if lab.events is not None:
             lab.events.close()
-        for kam in lab.kamailios:
-            kam.stop()
-        daemon.stop()
+        # Every process is stopped, even when one's stop reports a failure (Kamailio's log).
+        failures: list[AssertionError] = []
+        for proc in (*lab.kamailios, daemon):
+            try:
+                proc.stop()
+            except AssertionError as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
 
 # -- resources ------------------------------------------------------------------------------

@@ -179,6 +179,22 @@ class Kamailio(Proc):
         finally:
             ua.close()
 
+    # An exception the routing script or the bridge let escape into Kamailio is a bug
+    # whatever a test asserted: it fails the test that stops this Kamailio.
+    PYTHON_ERRORS = ("Unhandled exception in the Python code",)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        super().stop(timeout)
+        try:
+            log = self.log.read_text(errors="replace")
+        except OSError:
+            return
+        bad = [m for m in self.PYTHON_ERRORS if m in log]
+        if bad:
+            at = log.index(bad[0])
+            raise AssertionError(f"Kamailio ({self.log}) logged {bad[0]!r}:\n"
+                                 f"{log[max(0, at - 200):at + 1500]}")
+
     def kamcmd(self, *args: str) -> str:
         out = subprocess.run([kamcmd_binary(), "-s", self.ctl, *args], capture_output=True,
                              text=True, timeout=10)
