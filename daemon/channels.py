@@ -128,6 +128,11 @@ class EventSink:
             if self.greet is not None and ev.DAEMON_STARTED.startswith(prefix):
                 self.greet()
 
+    @property
+    def subscriptions(self) -> list[str]:
+        """The topic prefixes someone subscribes to now (a publisher; [] for a pusher)."""
+        return sorted(self._prefixes or ())
+
     def send(self, frames: list[bytes]) -> None:
         self._queued.append(frames)
         if not self.delay:

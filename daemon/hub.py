@@ -332,6 +332,8 @@ class Hub:
             "bytes_in": sum(c.bytes_in for c in conns),
             "bytes_out": sum(c.bytes_out for c in conns),
             "counters": dict(self.counters),
+            # Who listens: Kamailio's rtimer subscribes to outbound. (and more) once it runs.
+            "subscriptions": self._events.subscriptions if self._events else [],
         }
 
     def _uptime(self) -> float:
