@@ -128,6 +128,8 @@ class Lab(Stack):
         self.kamailio = kam
         kam.wait_ready()
         kam.raise_read_buffer()
+        if not self.kamailio_env.get("TLSB_FAULTS_NO_EVENTS"):
+            self.daemon.wait_subscribed()  # its rtimer, as in tests/integration/conftest.py
         return kam
 
     def stop_kamailio(self) -> None:

@@ -86,6 +86,7 @@ def start_stack(
         daemon.wait_ready()
         if kamailio:
             kamailio.wait_ready()
+            daemon.wait_subscribed()  # Kamailio's rtimer takes the outcomes of connects
         events = EventTap(daemon.settings.events_endpoint)
     except BaseException:
         for proc in (daemon, kamailio):

@@ -257,6 +257,12 @@ class Daemon(Proc):
                 return False
         wait_until(answers, timeout, "tlsbridge to answer ping")
 
+    def wait_subscribed(self, prefix: str = "outbound.", timeout: float = 15.0) -> None:
+        """Until someone subscribes to `prefix` (Kamailio's rtimer does to outbound.): an
+        outcome published before would never reach it."""
+        wait_until(lambda: prefix in self.request("stats").get("subscriptions", []), timeout,
+                   f"a subscriber of {prefix} (Kamailio's rtimer)")
+
     def stop(self, timeout: float = 10.0) -> None:
         self.client.close()
         super().stop(timeout)
