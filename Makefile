@@ -7,7 +7,8 @@ VENV     := $(ROOT)/.venv
 PY       := $(VENV)/bin/python
 RUN      := $(ROOT)/run
 CFG      := $(ROOT)/kamailio-cfg
-APT_PKGS := kamailio kamailio-python3-modules kamailio-tls-modules python3-venv openssl gnutls-bin
+APT_PKGS := kamailio kamailio-python3-modules kamailio-tls-modules kamailio-websocket-modules \
+            python3-venv openssl gnutls-bin iproute2 chromium chromium-driver
 PYTEST_ARGS ?=
 # make up ROUTING=native: the reference routing in native cfg (routing-native.cfg) instead of KEMI
 ROUTING  ?= kemi
@@ -17,11 +18,12 @@ else
 KAM_ROUTING := -A 'KEMI_SCRIPT="$(CFG)/routing.py"'
 endif
 
-.PHONY: help deps venv certs up down status test test-long lint bench clean
+.PHONY: help deps venv certs up down status test test-long lint bench clean webphone
 
 help:
 	@echo "make up     start Kamailio and the tlsbridge daemon (TLS on 127.0.0.1:5061)"
 	@echo "make down   stop what 'make up' started"
+	@echo "make webphone  serve a browser phone (SIP.js) for 'make up' on http://127.0.0.1:8080/"
 	@echo "make test   run the whole test suite (unit and integration)"
 	@echo "make test-long  the long load and soak tests (1,000 connections, 10 min churn)"
 	@echo "make lint   ruff"
@@ -36,6 +38,10 @@ deps:
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+	@# npm (browser tests: SIP.js) only when there is none: a nodejs from elsewhere bundles its
+	@# own npm and conflicts with Debian's package.
+	@command -v npm >/dev/null || { export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -q && apt-get install -y -q --no-install-recommends npm; }
 	@# Debian starts a packaged kamailio service on install on some systems; ours is separate.
 
 # Kamailio embeds Debian's /usr/bin/python3, so the venv must be built on that interpreter.
@@ -71,13 +77,21 @@ up: venv certs
 	  || { echo "kamailio did not answer; see $(RUN)/kamailio.log"; exit 1; }
 	@$(PY) scripts/sip_ping.py tls 127.0.0.1 5061 --ca $(RUN)/certs/ca.pem --wait 15 --quiet \
 	  || { echo "tlsbridge did not answer; see $(RUN)/tlsbridge.log"; exit 1; }
+	@$(PY) scripts/sip_ping.py wss 127.0.0.1 8443 --ca $(RUN)/certs/ca.pem --wait 5 --quiet \
+	  --origin http://127.0.0.1:8080 \
+	  || { echo "WSS did not answer; see $(RUN)/tlsbridge.log $(RUN)/kamailio.log"; exit 1; }
 	@echo "up:"
 	@echo "  SIP over TLS  127.0.0.1:5061   (tlsbridge pid $$(cat $(RUN)/tlsbridge.pid), CA $(RUN)/certs/ca.pem)"
+	@echo "  SIP over WSS  wss://127.0.0.1:8443/ (browsers; phone page: .venv/bin/python scripts/webphone.py)"
 	@echo "  SIP over UDP  127.0.0.1:5060   (kamailio pid $$(cat $(RUN)/kamailio.pid))"
 	@echo "  hairpin       tcp 127.0.0.1:5062 (Kamailio, PROXY v1)"
 	@echo "  events        ipc://$(RUN)/events.sock"
 	@echo "  control       ipc://$(RUN)/control.sock"
 	@echo "  logs          $(RUN)/tlsbridge.log $(RUN)/kamailio.log"
+
+# A browser phone against `make up`'s WSS listener (SIP.js from npm, installed on first use).
+webphone: venv
+	$(PY) scripts/webphone.py --port 8080 --server wss://127.0.0.1:8443/
 
 down:
 	@for name in tlsbridge kamailio; do \

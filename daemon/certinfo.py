@@ -1,11 +1,12 @@
-"""Extract TLS facts from certificates and finished stdlib ``ssl`` handshakes."""
+"""Describe X.509 certificates as the facts model's `CertInfo` (ours from PEM files, a peer's
+from DER).
+
+Each engine builds its `TlsFacts` from these (the openssl engine: `facts_from_ssl`).
+"""
 
 from __future__ import annotations
 
-import logging
 import os
-import ssl
-import sys
 from datetime import UTC, datetime
 
 from cryptography import x509
@@ -13,18 +14,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from tlsbridge.shared.addr import is_ip
-from tlsbridge.shared.facts import (
-    VERIFY_ERROR_NO_PEER_CERT,
-    VERIFY_ERROR_NOT_VERIFIED,
-    CertInfo,
-    DistinguishedName,
-    TlsFacts,
-)
+from tlsbridge.shared.facts import CertInfo, DistinguishedName
 
-__all__ = ["cert_info_from_der", "cert_info_from_pem_file", "facts_from_ssl"]
-
-log = logging.getLogger(__name__)
+__all__ = ["cert_info_from_der", "cert_info_from_pem_file"]
 
 
 def _first(name: x509.Name, oid: x509.ObjectIdentifier) -> str | None:
@@ -121,66 +113,3 @@ def cert_info_from_pem_file(path: str | os.PathLike[str]) -> CertInfo:
         raise
     except _PARSE_ERRORS as exc:
         raise ValueError(f"{os.fspath(path)}: unparseable certificate: {exc}") from exc
-
-
-
-def facts_from_ssl(
-    obj: ssl.SSLObject | ssl.SSLSocket,
-    *,
-    sni: str | None,
-    local: CertInfo | None,
-    engine: str = "openssl",
-) -> TlsFacts:
-    """Collect the TLS facts of a connection whose handshake has completed.
-
-    ``sni`` is what the server side saw in its sni_callback; on the client side pass None
-    to use ``obj.server_hostname``. ``local`` is the certificate we presented.
-    Raises ValueError if the handshake has not completed.
-    """
-    version = obj.version()
-    cipher = obj.cipher()
-    if version is None or cipher is None:
-        raise ValueError("TLS handshake has not completed")
-    name, _proto, bits = cipher
-
-    if sni is None and not obj.server_side:
-        host = obj.server_hostname
-        # The ssl module never sends an IP literal as SNI (RFC 6066 forbids it).
-        if host and not is_ip(host):
-            sni = host
-
-    der = obj.getpeercert(binary_form=True)
-    peer: CertInfo | None = None
-    if der is not None:
-        try:
-            peer = cert_info_from_der(der)
-        except ValueError:
-            # OpenSSL accepted a certificate that cryptography refuses to parse; the
-            # connection is still up, so report presence without details.
-            log.warning("cannot parse peer certificate", exc_info=True)
-
-    if der is None:
-        verified, verify_error = False, VERIFY_ERROR_NO_PEER_CERT
-    elif obj.context.verify_mode == ssl.CERT_NONE:
-        verified, verify_error = False, VERIFY_ERROR_NOT_VERIFIED
-    else:
-        # The ssl module aborts the handshake when verification fails, so a finished
-        # handshake with verification on means the peer certificate was verified.
-        verified, verify_error = True, None
-
-    return TlsFacts(
-        # OpenSSL's few names, shared by every connection's facts (not the peer's SNI: a peer
-        # must not grow the interned strings).
-        version=sys.intern(version),
-        cipher=sys.intern(name),
-        cipher_bits=bits,
-        sni=sni,
-        alpn=obj.selected_alpn_protocol(),
-        resumed=obj.session_reused,
-        peer_cert_present=der is not None,
-        peer_verified=verified,
-        verify_error=verify_error,
-        peer=peer,
-        local=local,
-        engine=engine,
-    )

@@ -81,7 +81,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     build_factories(config)  # what start-up builds: SNI profiles must suit their listener
     for lst in config.listeners:
         sni = f" (SNI: {', '.join(lst.sni_profiles)})" if lst.sni_profiles else ""
-        print(f"listener {lst.address} -> profile {lst.profile}{sni}")
+        wss = "" if lst.transport == "tls" else " (WSS, origins: " + \
+            (", ".join(lst.origins) if lst.origins is not None else "any") + ")"
+        print(f"listener {lst.address} -> profile {lst.profile}{sni}{wss}")
     Connector.check(config)
     for name, client in config.clients.items():
         print(f"client profile {name}: ok (engine {client.engine})")

@@ -15,6 +15,8 @@ DEFAULT_CONFIG = "/etc/tlsbridge/tlsbridge.toml"
 # optional_no_ca: ask for a certificate, accept any (pyopenssl and gnutls engines only)
 VERIFY_MODES = ("off", "optional", "on", "optional_no_ca")
 ENGINE_NAMES = ("openssl", "pyopenssl", "gnutls")
+# What a listener carries: SIP over TLS, or SIP over secure WebSocket (RFC 7118).
+TRANSPORTS = ("tls", "wss")
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 
 
@@ -89,6 +91,11 @@ class Listener:
     engine: str | None = None  # overrides the profile's engine
     sni_profiles: tuple[str, ...] = ()  # profiles chosen by their server_names
     strict_sni: bool = False  # refuse a handshake whose SNI no profile serves
+    # "tls": SIP over TLS. "wss": SIP over secure WebSocket (browsers). The daemon treats both
+    # alike (TLS, hairpin, facts, events); Kamailio's xhttp and websocket modules take the
+    # upgrade on the hairpin, and the KEMI module applies `origins` there.
+    transport: str = "tls"
+    origins: tuple[str, ...] | None = None  # wss: the Origin values allowed; None: any
     # Formatted once: every connection's events name its listener.
     address: str = field(init=False, repr=False, compare=False)
 
@@ -250,7 +257,9 @@ def _build(path: Path, root: _Section) -> Config:
     profiles = _profiles(root, base)
     listeners = _listeners(root, profiles)
     kam = root.sub("kamailio")
-    kam.only("hairpin", "proxy_protocol", "source_ip", "connect_timeout", "sip_address", "cfg")
+    kam.only("hairpin", "proxy_protocol", "source_ip", "connect_timeout", "sip_address", "cfg",
+             "cluster")
+    kam.get("cluster", bool, False)  # read by Kamailio's side (shared/settings.py)
     host, port = kam.address("hairpin")
     hairpin = Hairpin(
         host=host,
@@ -454,7 +463,12 @@ def _listeners(root: _Section, profiles: dict[str, ServerProfile]) -> tuple[List
         profile = sec.get("profile", str, "default")
         if profile not in profiles:
             raise sec.fail("profile", f"no [profile.{profile}] table")
-        sec.only("address", "profile", "profiles", "strict_sni", "advertise", "engine")
+        sec.only("address", "profile", "profiles", "strict_sni", "advertise", "engine",
+                 "transport", "origins")
+        transport = sec.choice("transport", TRANSPORTS, "tls")
+        origins = sec.names("origins") if "origins" in sec.data else None
+        if origins is not None and transport != "wss":
+            raise sec.fail("origins", 'only a listener with transport = "wss" has origins')
         advertise = format_addr(*sec.address("advertise")) if "advertise" in sec.data else None
         engine = sec.choice("engine", (*ENGINE_NAMES, None), None)
         sni_profiles = sec.names("profiles")
@@ -464,5 +478,5 @@ def _listeners(root: _Section, profiles: dict[str, ServerProfile]) -> tuple[List
             if not profiles[name].server_names:
                 raise sec.fail("profiles", f"profile {name!r} has no server_names to match")
         out.append(Listener(host, port, profile, advertise, engine, sni_profiles,
-                            sec.get("strict_sni", bool, False)))
+                            sec.get("strict_sni", bool, False), transport, origins))
     return tuple(out)

@@ -62,7 +62,8 @@ class Server:
             lambda: self._protocol(lst), lst.host, lst.port,
             reuse_address=True, reuse_port=True, backlog=4096,
         )
-        log.info("listening for TLS on %s (profile %s, engine %s)", lst.address, lst.profile,
+        log.info("listening for %s on %s (profile %s, engine %s)",
+                 "TLS" if lst.transport == "tls" else "WSS", lst.address, lst.profile,
                  lst.engine or self.config.profiles[lst.profile].engine)
 
     async def start(self) -> None:

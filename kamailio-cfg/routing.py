@@ -22,6 +22,7 @@ from tlsbridge.kemi.bridge import default_config_path
 # Reads the daemon's tlsbridge.toml (beside this script, or $TLSBRIDGE_CONFIG) for the hairpin
 # address and the ZeroMQ endpoints. Sockets are created later, in each process.
 bridge = TlsBridge(default_config_path(__file__))
+RR_PRELOADED = -3  # rr's loose_route(): the next hop came from a Route the request arrived with
 
 
 def mod_init():
@@ -38,6 +39,9 @@ class kamailio:
     # app_python3 5.6 looks these up on every message and leaves a Python error set when they
     # are missing, which then surfaces in the next KSR call: keep them defined.
     def ksr_reply_route(self, msg):
+        if bridge.from_websocket():
+            # A browser's answer: its .invalid Contact gets the address of its WebSocket.
+            KSR.nathelper.add_contact_alias()
         return 1
 
     def ksr_onsend_route(self, msg):
@@ -48,12 +52,25 @@ class kamailio:
     def ksr_tlsb_timer(self, msg, evname=None):
         return bridge.drain_events()
 
+    # -- browsers: the WebSocket upgrade (kamailio.cfg: xhttp event_callback) ----------------
+
+    def ksr_xhttp_event(self, msg, evname=None):
+        # Only through a WSS listener of the bridge, only from an Origin it allows.
+        return bridge.ws_handshake()
+
     # -- SIP requests -----------------------------------------------------------------------
 
     def ksr_request_route(self, msg):
+        if bridge.cluster and KSR.pv.get("$rm") == "KDMQ":
+            KSR.dmq.handle_message()  # registrations shared between the nodes
+            return 1
         bridge.protect_replies()
         if self.ksr_route_reqinit(msg) == -255:
             return 1
+
+        if bridge.from_websocket() and not KSR.is_REGISTER():
+            # A browser's Contact host is .invalid: reach it over its WebSocket instead.
+            KSR.nathelper.add_contact_alias()
 
         if KSR.is_CANCEL():
             if KSR.tm.t_check_trans() > 0:
@@ -69,6 +86,13 @@ class kamailio:
         if KSR.tm.t_check_trans() == 0:
             return 1
 
+        if bridge.cluster and KSR.dmq.is_from_node() and KSR.rr.loose_route() == RR_PRELOADED:
+            # Another node routes a call here by the Path of a phone registered here; path's
+            # use_received made its received address the destination.
+            if KSR.is_method_in("IS"):
+                bridge.record_route()
+            self.ksr_route_relay(msg)
+            return 1
         KSR.hdr.remove("Route")
         if KSR.is_method_in("IS"):
             # Per branch: TLS peers see the public TLS address, others Kamailio's own.
@@ -102,6 +126,8 @@ class kamailio:
         if KSR.siputils.has_totag() < 0:
             return 1
         if KSR.rr.loose_route() > 0:
+            if ";alias=" in str(KSR.pv.get("$ru") or ""):
+                KSR.nathelper.handle_ruri_alias()  # towards a browser: over its WebSocket
             self.ksr_route_relay(msg)
             return -255
         if KSR.is_ACK():

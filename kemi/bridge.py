@@ -21,6 +21,7 @@ from typing import Any
 import zmq
 
 from tlsbridge.kemi.routing import FAILED, RELAY, SUSPENDED, Outcome, RoutingMixin
+from tlsbridge.kemi.websocket import WebSocketMixin, config_mtime
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
 from tlsbridge.shared.addr import format_addr
@@ -62,13 +63,14 @@ class BridgeConnection:
     tls: TlsFacts
 
 
-class TlsBridge(RoutingMixin):
+class TlsBridge(RoutingMixin, WebSocketMixin):
     """Create once at module level in the routing script; call `child_init` from yours.
 
     Facts: `tls()`, `connection()`. Transport: `prepare_register()` before `registrar.save()`,
     `record_route()` instead of `rr.record_route()`, `prepare_relay()` before `t_relay()`, and
     `prepare_branch()` in the branch route set with `KSR.tm.t_on_branch()`. Events:
     `drain_events()` as the rtimer method, `on(type, handler)` for callbacks there.
+    Browsers (WSS): `ws_handshake()` as the xhttp event callback, `from_websocket()`.
     """
 
     RELAY, SUSPENDED, FAILED = RELAY, SUSPENDED, FAILED
@@ -90,8 +92,12 @@ class TlsBridge(RoutingMixin):
         lookup_socket: str | None = None,
         facts_map: str | None = None,
         facts_in_htable: bool = False,
+        wss_public: dict[str, str] | None = None,
+        wss_origins: dict[str, tuple[str, ...] | None] | None = None,
+        cluster: bool | None = None,
     ) -> None:
         settings_trunks: dict[str, Trunk] = {}
+        self.config_path: str | None = None
         self.run_dir = Path(DEFAULT_RUN_DIR)
         if hairpin is None or control is None or events is None:
             settings = load_settings(
@@ -102,10 +108,19 @@ class TlsBridge(RoutingMixin):
             events = events or settings.events_endpoint
             tls_public = tls_public if tls_public is not None else settings.tls_public
             sip_address = sip_address or settings.sip_address
+            cluster = settings.cluster if cluster is None else cluster
             settings_trunks = settings.trunks
             self.run_dir = settings.run_dir
             lookup_socket = lookup_socket if lookup_socket is not None else settings.lookup_socket
             facts_map = facts_map if facts_map is not None else settings.facts_map
+            if wss_public is None:
+                wss_public, wss_origins = settings.wss_public, settings.wss_origins
+                # The origin policy follows the file without a Kamailio restart.
+                self.config_path = str(config or os.environ.get("TLSBRIDGE_CONFIG")
+                                       or DEFAULT_CONFIG)
+        self._config_mtime = config_mtime(self.config_path)
+        self.wss_public = dict(wss_public or {})
+        self.wss_origins = dict(wss_origins or {})
         self.trunks = dict(trunks if trunks is not None else settings_trunks)
         self.lookup_socket = lookup_socket or ""
         self.facts_map = facts_map or ""
@@ -121,6 +136,8 @@ class TlsBridge(RoutingMixin):
         self._continuing: tuple[float, dict[str, Any], Outcome] | None = None
         self.tls_public = dict(tls_public or {})
         self.sip_address = sip_address
+        # One node of several sharing registrations: see RoutingMixin.prepare_register.
+        self.cluster = bool(cluster)
         self.received_avp = received_avp
         self.hairpin = hairpin
         self.control_endpoint = control
@@ -170,7 +187,7 @@ class TlsBridge(RoutingMixin):
                 return []
         settings = BridgeSettings(self.run_dir, self.hairpin, self.events_endpoint,
                                   self.control_endpoint, tls_public=self.tls_public,
-                                  sip_address=self.sip_address)
+                                  sip_address=self.sip_address, wss_public=self.wss_public)
         findings = review_cfg(cfg, settings, self.received_avp)
         if self.sip_address is None:
             self.sip_address = udp_address(cfg)
@@ -195,7 +212,8 @@ class TlsBridge(RoutingMixin):
         return self._on_hairpin(_ksr().pv)
 
     def _on_hairpin(self, pv: Any) -> bool:
-        if (pv.get("$pr") or "").lower() != "tcp":
+        # After a WebSocket upgrade Kamailio calls the hairpin "ws".
+        if (pv.get("$pr") or "").lower() not in ("tcp", "ws"):
             return False
         host, port = self.hairpin
         return pv.get("$Ri") == host and pv.get("$Rp") == port
@@ -306,6 +324,22 @@ class TlsBridge(RoutingMixin):
                     raise ValueError("the daemon has no such connection")
                 return entry
         return self.control.request("lookup", timeout_ms=self.lookup_timeout_ms, hairpin=key)
+
+    def _reread_ws_settings(self) -> None:
+        """Pick up changed WSS listeners and origins from tlsbridge.toml (one stat() per
+        WebSocket handshake)."""
+        mtime = config_mtime(self.config_path)
+        if mtime is None or mtime == self._config_mtime or self.config_path is None:
+            return
+        try:
+            settings = load_settings(self.config_path)
+        except (OSError, ValueError) as exc:
+            _ksr().err(f"tlsbridge: {self.config_path} not re-read, keeping the old origins: "
+                       f"{exc}\n")
+            return
+        self._config_mtime = mtime
+        self.wss_public, self.wss_origins = dict(settings.wss_public), \
+            dict(settings.wss_origins)
 
     @property
     def control(self) -> ControlClient:

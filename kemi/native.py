@@ -128,6 +128,18 @@ class NativeBridge:
         self.bridge.prepare_branch()
         return 1
 
+    def tlsb_ws_handshake(self, msg: Any, arg: str | None = None) -> int:
+        """In event_route[xhttp:request]: a browser's WebSocket upgrade is accepted (through a
+        WSS listener of the bridge, from an Origin it allows) or refused (403; 404 for plain
+        HTTP). Follow it with `exit`."""
+        self.bridge.ws_handshake()
+        return 1
+
+    def tlsb_websocket(self, msg: Any, arg: str | None = None) -> int:
+        """True when the request or reply came from a browser over the bridge (Kamailio's
+        $proto says "ws", never "wss": it sees no TLS)."""
+        return 1 if self.bridge.from_websocket() else -1
+
     def tlsb_timer(self, msg: Any, arg: str | None = None) -> int:
         """The rtimer route: the daemon's events; then continue what `tlsb_next_resume`
         gives (see routing-native.cfg's route[TLSB_TIMER])."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from tlsbridge.kemi.uri import SipUri, parse_uri
 from tlsbridge.shared import control as ctl
@@ -55,12 +56,19 @@ class RoutingMixin:
     tls_public: dict[str, str]
     hairpin: tuple[str, int]
     sip_address: str | None
+    cluster: bool
     received_avp: str
     trunks: dict[str, Trunk]
     htable: str
     _outcomes: dict[tuple[int, int], Outcome]
+    _in_branch = False  # prepare_branch() is running: no replies from here
+
+    wss_public: dict[str, str]
 
     def from_bridge(self) -> bool: ...  # provided by TlsBridge
+    if TYPE_CHECKING:  # WebSocketMixin's, later in TlsBridge's MRO: no stubs to shadow them
+        def from_websocket(self) -> bool: ...
+        def ws_address(self, listener: str | None = None) -> str | None: ...
     def connection(self) -> BridgeConnection | None: ...  # provided by TlsBridge
     @property
     def control(self) -> ControlClient: ...  # provided by TlsBridge
@@ -76,12 +84,34 @@ class RoutingMixin:
 
     def prepare_register(self) -> None:
         """Before `registrar.save()`: a REGISTER from the bridge is reached back over its
-        hairpin, whatever its Contact says (needs registrar's `received_avp` modparam)."""
-        if not self.from_bridge():
+        hairpin, whatever its Contact says (needs registrar's `received_avp` modparam). In a
+        cluster every registration also gets a Path naming this node (see `_add_path`)."""
+        KSR = _ksr()
+        from_bridge = self.from_bridge()
+        if not from_bridge and not self.cluster:
             return
-        pv = _ksr().pv
-        peer = _hostport(str(pv.get("$si")), int(pv.get("$sp")))
-        pv.sets(self.received_avp, f"sip:{peer};transport=tls")
+        peer = _hostport(str(KSR.pv.get("$si")), int(KSR.pv.get("$sp")))
+        if from_bridge:
+            # A browser: Kamailio finds its WebSocket by this address (fix_nated_register).
+            transport = "ws" if self.from_websocket() else "tls"
+            received = f"sip:{peer};transport={transport}"
+            KSR.pv.sets(self.received_avp, received)
+        else:
+            proto = str(KSR.pv.get("$pr") or "udp").lower()
+            received = f"sip:{peer}" + ("" if proto == "udp" else f";transport={proto}")
+        if self.cluster and self.sip_address:
+            self._add_path(received)
+
+    def _add_path(self, received: str) -> None:
+        """The other nodes learn the registration from DMQ and must route its requests here,
+        where the phone's connection (or NAT binding) is: registrar stores this Path with it
+        (use_path); lookup() on this node skips it for the received address
+        (path_check_local), on the others it sends to this node, which relays to `received`
+        (path's use_received)."""
+        KSR = _ksr()
+        KSR.hdr.insert(f"Path: <sip:{self.sip_address};lr;received="
+                       f"{quote(received, safe='')}>\r\n")
+        KSR.textopsx.msg_apply_changes()  # save() reads the Path from the message
 
     def record_route(self) -> None:
         """Instead of `rr.record_route()` for initial requests: the Record-Route is written per
@@ -118,6 +148,9 @@ class RoutingMixin:
         connection or not at all). Idempotent; also call it from the branch route."""
         KSR = _ksr()
         uri = self._target()
+        # A browser, before any pin: its WebSocket must never be written to as plain TCP.
+        if uri is not None and uri.transport in ("ws", "wss"):
+            return self._to_browser(uri)
         if uri is None or uri.params.get(MARK) == "ok":
             return RELAY
         # A dialog's TLS side stays on its connection, whatever the Contact's transport says.
@@ -151,6 +184,18 @@ class RoutingMixin:
             return RELAY
         return self._connect_and_suspend(uri.host, port, sni, profile, resume_route)
 
+    def _to_browser(self, uri: SipUri) -> int:
+        """A browser is reached over its own WebSocket or not at all: never dialled. Without
+        its connection tm could not even build the Via (it would answer 500); say 480."""
+        KSR = _ksr()
+        KSR.set_forward_no_connect()
+        # In the branch route, or with other branches to try, tm fails this branch alone.
+        if self._in_branch or int(KSR.pv.get("$branch(count)") or 0) > 0 or \
+                KSR.x.modf("tcp_get_conid", uri.hostport, "$var(tlsb_conid)") > 0:
+            return RELAY
+        KSR.sl.send_reply(480, "Temporarily Unavailable (WebSocket gone)")
+        return FAILED
+
     def _dialog_peer(self) -> str | None:
         """In a dialog set up over the bridge, requests stay on the connections its initial
         request took: our Record-Route names them (the callee's Contact alone does not say
@@ -160,18 +205,22 @@ class RoutingMixin:
             return None
         routes = str(KSR.pv.get("$(hdr(Route)[*])") or "")
         for route in _ROUTE.findall(routes):
-            params = parse_uri(route).params if PIN_DOWN in route or PIN_UP in route else None
-            if params is None:
+            # Only our own entries: another proxy's (another node's) pins name its hairpins.
+            if (PIN_DOWN not in route and PIN_UP not in route) or not KSR.is_myself(route):
                 continue
+            params = parse_uri(route).params
             downstream = params.get("ftag") == str(KSR.pv.get("$ft") or "")
             return params.get(PIN_DOWN if downstream else PIN_UP) or None
         return None
 
     def _registered_here(self) -> bool:
-        """A destination from lookup() of a phone registered over a hairpin keeps the hairpin
-        listener as its send socket: such a phone is reached over its own connection, never
-        dialled."""
-        return str(_ksr().pv.get("$fs") or "") == f"tcp:{format_addr(*self.hairpin)}"
+        """A phone registered over the bridge is reached over its own connection, never
+        dialled. After lookup() its destination keeps the hairpin listener as send socket;
+        routed here by another node of a cluster, it came as the `received` of our Path."""
+        KSR = _ksr()
+        if str(KSR.pv.get("$fs") or "") == f"tcp:{format_addr(*self.hairpin)}":
+            return True
+        return self.cluster and "received=" in str(KSR.pv.get("$(hdr(Route)[0])") or "")
 
     def _over_hairpin(self, peer: str) -> None:
         KSR = _ksr()
@@ -225,7 +274,11 @@ class RoutingMixin:
     def prepare_branch(self) -> int:
         """Call from the branch route (`KSR.tm.t_on_branch`): decides this branch's transport
         and writes its Record-Route when `record_route()` asked for one."""
-        self.prepare_relay()
+        self._in_branch = True
+        try:
+            self.prepare_relay()
+        finally:
+            self._in_branch = False
         uri = self._target()
         tls_out = uri is not None and uri.params.get(MARK) == "ok"
         if tls_out:
@@ -261,6 +314,13 @@ class RoutingMixin:
         found = self.connection()
         inside = self._tls_address(found) if found else self._sip_in()
         outside = self._tls_address(None) if tls_out else (self._sip_out() or inside)
+        # Browsers see the public WSS address (never the hairpin), on either side.
+        ws_in = self._ws_side(found.conn.listener if found else None)
+        if ws_in is not None:
+            inside = ws_in
+        target = self._target()
+        if not tls_out and target is not None and target.transport in ("ws", "wss"):
+            outside = self.ws_address() or outside
         if outside is None or inside is None:
             _ksr().err("tlsbridge: no address for Record-Route across transports: "
                        "set [kamailio] sip_address in tlsbridge.toml\n")
@@ -269,8 +329,17 @@ class RoutingMixin:
         hops = [outside] if outside == inside else [outside, inside]
         target = self._target() if tls_out else None
         down = target.hostport if target else None
-        up = found.conn.peer if found else None
+        # Never pin a browser's side: a pinned peer is sent to as plain TCP, and its
+        # connection is a WebSocket (frames); it is found by its alias instead.
+        up = found.conn.peer if found and ws_in is None else None
         _ksr().hdr.insert(record_route_headers(hops, _ksr().pv.get("$ft"), down, up))
+
+    def _ws_side(self, listener: str | None) -> str | None:
+        """The Record-Route address of a browser's side: the public WSS address of the
+        listener it came through (None: it did not come through a WSS listener)."""
+        if listener is None or listener not in self.wss_public:
+            return None
+        return self.ws_address(listener)
 
     def _target(self) -> SipUri | None:
         pv = _ksr().pv

@@ -29,6 +29,8 @@ def review_cfg(cfg: KamailioCfg, bridge: BridgeSettings,
     out += _tcp_settings(cfg)
     out += _modules(cfg, received_avp)
     out += _routing(cfg)
+    if bridge.wss_public:
+        out += _websocket(cfg, bridge)
     return out
 
 
@@ -76,9 +78,9 @@ def _sockets(cfg: KamailioCfg, bridge: BridgeSettings) -> list[Finding]:
                                      any(a.endswith(f":{port}") for a in tls_aliases)):
             out.append(("ok", f"alias=tls:{wanted}"))
         else:
-            out.append(("error", f"no alias=tls:{wanted}: Route headers naming the bridge's "
-                        "TLS address would not be Kamailio's own (in-dialog requests from TLS "
-                        "peers fail)"))
+            out.append(("warning", f"no alias=tls:{wanted}: Route headers naming the "
+                        "bridge's TLS address would not be Kamailio's own (in-dialog requests "
+                        "from TLS peers of that listener fail)"))
     return out
 
 
@@ -173,4 +175,41 @@ def _native_routing(cfg: KamailioCfg) -> list[Finding]:
         need("tlsb_timer", "in the rtimer route", "outbound TLS connects never continue")
     if not out:
         out.append(("ok", "native routing calls the bridge's helpers"))
+    return out
+
+
+def _websocket(cfg: KamailioCfg, bridge: BridgeSettings) -> list[Finding]:
+    """With WSS listeners ([[listener]] transport = "wss"): Kamailio takes the browsers'
+    upgrade on the hairpin, so it needs xhttp and websocket, and a handshake that goes through
+    the bridge's policy (the listener it came through, its Origin)."""
+    out: list[Finding] = []
+    missing = [m for m in ("xhttp", "websocket") if m not in cfg.modules]
+    if missing:
+        out.append(("error", f"WSS listeners, but {' and '.join(missing)} not loaded: browsers' "
+                    "WebSocket upgrade arrives on the hairpin (kamailio-websocket-modules)"))
+    if not cfg.flag("tcp_accept_no_cl"):
+        out.append(("error", "WSS listeners, but tcp_accept_no_cl is not yes: Kamailio refuses "
+                    "the WebSocket upgrade (an HTTP request without Content-Length)"))
+    if "nathelper" not in cfg.modules:
+        out.append(("warning", "WSS listeners, but nathelper is not loaded: browsers' .invalid "
+                    "Contacts need add_contact_alias() and handle_ruri_alias()"))
+    if cfg.cfgengine:
+        if not cfg.modparam("xhttp", "event_callback"):
+            out.append(("error", 'WSS listeners, but no modparam("xhttp", "event_callback", '
+                        '...) whose method returns bridge.ws_handshake()'))
+    elif not cfg.calls("python_exec", "tlsb_ws_handshake"):
+        out.append(("error", 'WSS listeners, but no python_exec("tlsb_ws_handshake") in '
+                    "event_route[xhttp:request]: the upgrade would skip the listener and Origin "
+                    "checks"))
+    # alias= knows no "ws" protocol: only an alias for every protocol matches ws Routes.
+    aliases = {a for a in cfg.aliases
+               if a.partition(":")[0].lower() not in ("udp", "tcp", "tls", "sctp")}
+    for public in sorted(set(bridge.wss_public.values())):
+        wanted = format_addr(*parse_addr(public))
+        if wanted not in aliases:
+            out.append(("error", f"no alias={wanted}: Route headers naming the bridge's WSS "
+                        "address would not be Kamailio's own (in-dialog requests from browsers "
+                        "fail)"))
+    if not any(level == "error" for level, _ in out):
+        out.append(("ok", "WebSocket on the hairpin: xhttp, websocket, the bridge's handshake"))
     return out

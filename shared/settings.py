@@ -41,7 +41,13 @@ class BridgeSettings:
     tls_public: dict[str, str] = field(default_factory=dict)
     # where non-TLS peers reach Kamailio, for Record-Route across transports
     sip_address: str | None = None
+    # one node of several sharing registrations (DMQ): TLS registrations carry a Path to it
+    cluster: bool = False
     trunks: dict[str, Trunk] = field(default_factory=dict)
+    # WSS listeners (transport = "wss"): address -> the address browsers know it by, and
+    # address -> the Origin values allowed (None: any). `tls_public` holds the TLS ones only.
+    wss_public: dict[str, str] = field(default_factory=dict)
+    wss_origins: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
 
 
 def run_dir_of(raw: dict[str, Any], base: Path) -> Path:
@@ -67,10 +73,16 @@ def load_settings(path: str | Path) -> BridgeSettings:
         hairpin = parse_addr(raw["kamailio"]["hairpin"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{p}: key 'kamailio.hairpin' missing or bad: {exc}") from None
-    tls_public = {}
+    tls_public, wss_public, wss_origins = {}, {}, {}
     for item in raw.get("listener", []):
         address = format_addr(*parse_addr(item["address"]))
-        tls_public[address] = format_addr(*parse_addr(item.get("advertise", address)))
+        public = format_addr(*parse_addr(item.get("advertise", address)))
+        if item.get("transport", "tls") == "wss":
+            wss_public[address] = public
+            origins = item.get("origins")
+            wss_origins[address] = None if origins is None else tuple(str(o) for o in origins)
+        else:
+            tls_public[address] = public
     sip = raw["kamailio"].get("sip_address")
     return BridgeSettings(
         run_dir=run_dir,
@@ -81,7 +93,10 @@ def load_settings(path: str | Path) -> BridgeSettings:
         facts_map=facts_map_of(run_dir),
         tls_public=tls_public,
         sip_address=format_addr(*parse_addr(sip, default_port=5060)) if sip else None,
+        cluster=bool(raw["kamailio"].get("cluster", False)),
         trunks=trunks_of(raw, p),
+        wss_public=wss_public,
+        wss_origins=wss_origins,
     )
 
 

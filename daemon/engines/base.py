@@ -1,14 +1,15 @@
-"""The sans-IO TLS engine interface: ciphertext in, plaintext out and back, no sockets.
+"""The sans-IO TLS engine interface: ciphertext in, plaintext out and back, no sockets; and
+the verify verdict every engine reports alike.
 
 The relay only speaks to `TlsEngine`, so the TLS library behind it can change per listener.
-Every engine runs the same test suite (tests/unit/test_engine.py).
+Every engine runs the same test suite (tests/unit/test_engines.py).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from tlsbridge.shared.facts import TlsFacts
+from tlsbridge.shared.facts import VERIFY_ERROR_NO_PEER_CERT, VERIFY_ERROR_NOT_VERIFIED, TlsFacts
 
 READ_CHUNK = 64 * 1024
 
@@ -59,3 +60,14 @@ class TlsEngine(ABC):
 
     peer_closed: bool = False
     handshake_done: bool = False
+
+
+def verdict(*, peer_cert: bool, verifying: bool, error: str | None) -> tuple[bool, str | None]:
+    """`(peer_verified, verify_error)` of a finished handshake, the same for every engine: no
+    peer certificate, or none asked to be verified, is unverified whatever the library says;
+    otherwise the certificate is verified exactly when verification found no `error`."""
+    if not peer_cert:
+        return False, VERIFY_ERROR_NO_PEER_CERT
+    if not verifying:
+        return False, VERIFY_ERROR_NOT_VERIFIED
+    return error is None, error

@@ -28,17 +28,13 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 from OpenSSL import SSL, crypto
 
 from tlsbridge.daemon import keylog
+from tlsbridge.daemon.certinfo import cert_info_from_der
 from tlsbridge.daemon.config import ClientProfile, ConfigError, ServerProfile
-from tlsbridge.daemon.engines.base import READ_CHUNK, TlsEngine, TlsError
-from tlsbridge.daemon.engines.registry import listed, pem_crls
+from tlsbridge.daemon.engines.base import READ_CHUNK, TlsEngine, TlsError, verdict
+from tlsbridge.daemon.engines.checks import listed, pem_crls
 from tlsbridge.daemon.sni import SniRouter, refusal
 from tlsbridge.shared.addr import is_ip
-from tlsbridge.shared.facts import (
-    VERIFY_ERROR_NO_PEER_CERT,
-    VERIFY_ERROR_NOT_VERIFIED,
-    CertInfo,
-    TlsFacts,
-)
+from tlsbridge.shared.facts import CertInfo, TlsFacts
 
 __all__ = ["PyOpenSSLEngine", "client_context", "listener_context", "server_context"]
 
@@ -56,7 +52,7 @@ _VERIFY_FLAGS = {
 _IGNORE_UNEXPECTED_EOF = (getattr(SSL, "OP_IGNORE_UNEXPECTED_EOF", 0) or (
     1 << 7 if SSL.OPENSSL_VERSION_NUMBER >= 0x30000000 else 0))
 # Renegotiation is a DoS vector and SIP has no use for it; tickets cost CPU for clients
-# that rarely resume (see tls_context.py).
+# that rarely resume (see the openssl engine's server_context).
 _SERVER_OPTIONS = (
     SSL.OP_NO_COMPRESSION
     | SSL.OP_CIPHER_SERVER_PREFERENCE
@@ -535,25 +531,19 @@ class PyOpenSSLEngine(TlsEngine):
     def facts(self) -> TlsFacts:
         if not self.handshake_done:
             raise ValueError("TLS handshake has not completed")
-        from tlsbridge.daemon.certinfo import cert_info_from_der
-
         cert = self._conn.get_peer_certificate()
         peer: CertInfo | None = None
         if cert is not None:
             # OpenSSL accepted what cryptography cannot parse: report presence only.
             with contextlib.suppress(ValueError):
                 peer = cert_info_from_der(cert.to_cryptography().public_bytes(Encoding.DER))
-        if cert is None:
-            verified, verify_error = False, VERIFY_ERROR_NO_PEER_CERT
-        elif self._conn.get_verify_mode() == SSL.VERIFY_NONE:
-            verified, verify_error = False, VERIFY_ERROR_NOT_VERIFIED
-        else:
-            verify_error = self._state.verify_error
-            verified = verify_error is None
+        verified, verify_error = verdict(
+            peer_cert=cert is not None, verifying=self._conn.get_verify_mode() != SSL.VERIFY_NONE,
+            error=self._state.verify_error)
         alpn = self._conn.get_alpn_proto_negotiated()
         return TlsFacts(
             version=sys.intern(self._conn.get_protocol_version_name()),  # shared, as in
-            cipher=sys.intern(self._conn.get_cipher_name() or ""),  # certinfo.facts_from_ssl
+            cipher=sys.intern(self._conn.get_cipher_name() or ""),  # openssl.facts_from_ssl
             cipher_bits=self._conn.get_cipher_bits() or 0,
             sni=self._state.sni,
             alpn=alpn.decode("ascii", "replace") if alpn else None,

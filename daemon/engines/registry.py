@@ -1,24 +1,21 @@
 """The TLS engines by name: which can run here, and how to build them from profiles.
 
-Engines other than `openssl` are imported on first use, so a missing pyOpenSSL or libgnutls
-only matters to the listeners that ask for it.
+The registry chooses; no engine imports it back (the checks the engines share are in
+`checks.py`, below both). Engines other than `openssl` are imported on first use, so a
+missing pyOpenSSL or libgnutls only matters to the listeners that ask for it.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import re
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cryptography import x509
-
 from tlsbridge.daemon.certinfo import cert_info_from_pem_file
 from tlsbridge.daemon.config import ClientProfile, ConfigError, ServerProfile
+from tlsbridge.daemon.engines import openssl
 from tlsbridge.daemon.engines.base import TlsEngine
-from tlsbridge.daemon.engines.openssl import OpenSSLEngine
+from tlsbridge.daemon.engines.checks import PathLike, usable_certificate
 from tlsbridge.shared.facts import CertInfo
 
 __all__ = [
@@ -27,60 +24,17 @@ __all__ = [
 ]
 
 ENGINES = ("openssl", "pyopenssl", "gnutls")
-# The stdlib ssl module cannot accept a certificate that failed verification.
-_OPENSSL_VERIFY_MODES = ("off", "optional", "on")
-
-PathLike = str | os.PathLike[str]
 
 
 # What an engine fixes before it learns the SNI, so a listener's SNI profiles must agree with
-# its default profile on it (the pyopenssl and gnutls modules say why). openssl: as pyopenssl,
-# and Python's ssl cannot set the verify mode of a connection (OpenSSL keeps the first one).
+# its default profile on it (engines/pyopenssl.py and engines/gnutls/session.py say why).
+# openssl: as pyopenssl, and Python's ssl cannot set the verify mode of a connection (OpenSSL
+# keeps the first one).
 FIXED_BEFORE_SNI = {
     "openssl": ("verify_client", "crl", "min_version", "max_version", "groups"),
     "pyopenssl": ("min_version", "max_version", "tls13_ciphersuites", "groups", "verify_depth"),
     "gnutls": ("min_version", "max_version", "alpn"),
 }
-
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-def listed(where: str, key: str, value: str) -> list[str]:
-    """The names of an OpenSSL-style list ("A:B"); each must be a plain name (no OpenSSL
-    operators such as `?name`, which would ignore an unknown one). Raises ConfigError."""
-    names = [n.strip() for n in value.split(":")]
-    for n in names:
-        if not _NAME.fullmatch(n):
-            raise ConfigError(f"{where}: '{key}': {n!r} is not a name (in {value!r})")
-    return names
-
-
-_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
-
-
-def pem_crls(where: str, path: PathLike) -> list[x509.CertificateRevocationList]:
-    """Every CRL of a PEM file; none at all is an error. Raises ConfigError."""
-    try:
-        blocks = _PEM_CRL.findall(Path(path).read_bytes())
-        crls = [x509.load_pem_x509_crl(b) for b in blocks]
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{where}: CRL {os.fspath(path)} unusable: {exc}") from None
-    if not crls:
-        raise ConfigError(f"{where}: CRL {os.fspath(path)} unusable: no PEM CRL in it")
-    return crls
-
-
-def usable_certificate(where: str, path: PathLike) -> CertInfo:
-    """Our own certificate, parsed; one that has expired refuses start-up and reload (every
-    engine would serve it otherwise). Raises ConfigError."""
-    try:
-        info = cert_info_from_pem_file(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{where}: certificate {os.fspath(path)}: {exc}") from None
-    if info.not_after_ts < time.time():
-        raise ConfigError(f"{where}: certificate {os.fspath(path)} expired on {info.not_after}")
-    return info
 
 
 def _reason(name: str) -> str | None:
@@ -121,15 +75,9 @@ def server_engine_factory(name: str, profile: ServerProfile) -> Callable[[], Tls
     _require(name, where)
     local = usable_certificate(where, profile.certificate)
     if name == "openssl":
-        from tlsbridge.daemon.tls_context import server_context
-
-        if profile.verify_client not in _OPENSSL_VERIFY_MODES:
-            raise ConfigError(
-                f"{where}: engine openssl cannot do verify_client = {profile.verify_client!r} "
-                f"(use pyopenssl or gnutls)"
-            )
         return functools.partial(
-            OpenSSLEngine, server_context(profile), server_side=True, local_cert=local
+            openssl.OpenSSLEngine, openssl.server_context(profile), server_side=True,
+            local_cert=local,
         )
     if name == "pyopenssl":
         from tlsbridge.daemon.engines import pyopenssl
@@ -157,10 +105,9 @@ def listener_engine_factory(
     local = {p.name: usable_certificate(f"profile '{p.name}'", p.certificate)
              for p in (default, *sni_profiles)}
     if name == "openssl":
-        from tlsbridge.daemon.tls_context import listener_context
-
         return functools.partial(
-            OpenSSLEngine, listener_context(default, sni_profiles, strict=strict_sni),
+            openssl.OpenSSLEngine,
+            openssl.listener_context(default, sni_profiles, strict=strict_sni),
             server_side=True, local_cert=local[default.name], local_by_profile=local)
     if name == "pyopenssl":
         from tlsbridge.daemon.engines import pyopenssl
@@ -206,16 +153,14 @@ def client_engine_factory(profile: ClientProfile) -> ClientFactory:
 def _client_factory(name: str, profile: ClientProfile, local: CertInfo | None, *,
                     alpn: Sequence[str] = (), check_hostname: bool = True) -> ClientFactory:
     if name == "openssl":
-        from tlsbridge.daemon.tls_context import client_context
-
-        ctx = client_context(profile)
+        ctx = openssl.client_context(profile)
         if alpn:
             ctx.set_alpn_protocols(list(alpn))
         if not check_hostname:
             ctx.check_hostname = False
 
         def openssl_engine(server_hostname: str | None, sni: str | None = None) -> TlsEngine:
-            return OpenSSLEngine(ctx, server_side=False,
+            return openssl.OpenSSLEngine(ctx, server_side=False,
                                  server_hostname=_openssl_name(server_hostname, sni),
                                  local_cert=local)
 

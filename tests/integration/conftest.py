@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ def start_stack(
     workdir: Path, certs: dict[str, Path], *, with_kamailio: bool = True, extra: str = "",
     engine: str = "openssl", listener_extra: str = "", daemon_extra: str = "",
     handshake_timeout: float = 5.0,
+    kamailio_args: Sequence[str] = (), kamailio_extra: str = "",
 ) -> Stack:
     tls_port, sip_port, hairpin_port = (free_tcp_udp_port() for _ in range(3))
     engine, native, _ = engine.partition("-native")
@@ -69,11 +70,12 @@ def start_stack(
     if native:  # the native cfg routes of routing-native.cfg, calling the bridge by python_exec
         routing = {"script": CFG / "tlsbridge_native.py",
                    "extra_args": ("-A", "WITH_NATIVE_ROUTING")}
+    kam_kw = {**routing, "extra_args": (*routing.get("extra_args", ()), *kamailio_args)}
     config = write_bridge_config(
         workdir / "tlsbridge.toml", tls_port=tls_port, hairpin_port=hairpin_port,
         sip_port=sip_port,
         certs=certs, run_dir=workdir, extra=extra, engine=engine, listener_extra=listener_extra,
-        workers=int(workers or 1), daemon_extra=daemon_extra,
+        workers=int(workers or 1), daemon_extra=daemon_extra, kamailio_extra=kamailio_extra,
         handshake_timeout=handshake_timeout,
     )
     kamailio = None
@@ -81,7 +83,7 @@ def start_stack(
     try:
         if with_kamailio:
             kamailio = Kamailio(workdir, sip_port=sip_port, hairpin_port=hairpin_port,
-                                tls_port=tls_port, bridge_config=config, **routing)
+                                tls_port=tls_port, bridge_config=config, **kam_kw)
         daemon = Daemon(workdir, config)
         daemon.wait_ready()
         if kamailio:

@@ -66,6 +66,7 @@ def test_readme_walkthrough(clone: Path, netns: str) -> None:
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert "SIP over TLS  127.0.0.1:5061" in up.stdout
+        assert "SIP over WSS  wss://127.0.0.1:8443/" in up.stdout
         again = sh(netns, clone, "make up")  # harmless the second time
         assert again.returncode == 0 and "already running" in again.stdout
 
@@ -73,6 +74,12 @@ def test_readme_walkthrough(clone: Path, netns: str) -> None:
         assert "SIP/2.0 200 OK" in options.stdout, options.stdout + options.stderr
         assert re.search(r"X-TLS: TLSv1\.3; \S+; sni=-; peer=127\.0\.0\.1:\d+; verified=0",
                          options.stdout)
+
+        # The same facts over WSS, as a browser's connection has them.
+        wss = sh(netns, clone, readme_block(".venv/bin/python scripts/sip_ping.py wss"))
+        assert "SIP/2.0 200 OK" in wss.stdout, wss.stdout + wss.stderr
+        assert re.search(r"X-TLS: TLSv1\.3; \S+; sni=-; peer=127\.0\.0\.1:\d+; verified=0",
+                         wss.stdout)
 
         env = "export TLSBRIDGE_CONFIG=$PWD/kamailio-cfg/tlsbridge.toml; "
         tail = subprocess.Popen(

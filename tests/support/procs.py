@@ -126,13 +126,13 @@ class Kamailio(Proc):
         self, workdir: Path, *, sip_port: int, hairpin_port: int, tls_port: int,
         bridge_config: Path, script: Path = CFG / "routing.py", children: int = 2,
         extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
-        venv: str = sys.prefix,
+        venv: str = sys.prefix, prefix: Sequence[str] = (),
     ) -> None:
         self.sip_port, self.hairpin_port = sip_port, hairpin_port
         self.ctl = f"unix:{workdir}/kamailio_ctl"
         cfg = with_listener_aliases(workdir, bridge_config, tls_port)
         argv = [
-            kamailio_binary(), "-f", str(cfg), "-DD", "-E",
+            *prefix, kamailio_binary(), "-f", str(cfg), "-DD", "-E",
             "-A", f"SIP_PORT={sip_port}", "-A", f"HAIRPIN_PORT={hairpin_port}",
             "-A", f"TLS_PORT={tls_port}", "-A", f"CHILDREN={children}",
             "-A", f'KEMI_SCRIPT="{script}"', "-A", f'CTL_SOCKET="{self.ctl}"',
@@ -205,6 +205,7 @@ def write_bridge_config(
     path: Path, *, tls_port: int, hairpin_port: int, sip_port: int, certs: dict[str, Path],
     run_dir: Path, extra: str = "", handshake_timeout: float = 5.0, engine: str = "openssl",
     listener_extra: str = "", workers: int = 1, daemon_extra: str = "",
+    kamailio_extra: str = "",
 ) -> Path:
     path.write_text(f"""
 [daemon]
@@ -215,6 +216,7 @@ log_level = "debug"
 handshake_timeout = {handshake_timeout}
 
 [kamailio]
+{kamailio_extra}
 hairpin = "127.0.0.1:{hairpin_port}"
 connect_timeout = 2.0
 sip_address = "127.0.0.1:{sip_port}"
@@ -235,12 +237,13 @@ engine = "{engine}"
 
 
 class Daemon(Proc):
-    def __init__(self, workdir: Path, config: Path, python: str = sys.executable) -> None:
+    def __init__(self, workdir: Path, config: Path, python: str = sys.executable,
+                 prefix: Sequence[str] = ()) -> None:
         from tlsbridge.shared.settings import load_settings
 
         self.config = config
         self.settings = load_settings(config)
-        argv = [python, "-m", "tlsbridge.daemon.cli", "run", "-c", str(config)]
+        argv = [*prefix, python, "-m", "tlsbridge.daemon.cli", "run", "-c", str(config)]
         super().__init__("tlsbridge", argv, workdir / "tlsbridge.log", dict(os.environ))
         self.client = ControlClient(self.settings.control_endpoint, timeout_ms=1000)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tests.support.sip import SipMessage, TlsUA, UdpUA
@@ -47,6 +48,9 @@ class SipUA:
         self.tls, self.udp = tls, udp
         self.proto = "TLS" if tls else "UDP"
         self.pending: list[SipMessage] = []
+        # The body of our offers and answers; a callable makes the answer from the offer
+        # (browsers need a WebRTC answer to their own offer: tests/support/webrtc.py).
+        self.sdp: bytes | Callable[[bytes], bytes] = SDP
 
     @property
     def local(self) -> tuple[str, int]:
@@ -65,6 +69,9 @@ class SipUA:
     def via(self, branch: str | None = None) -> str:
         host, port = self.local
         return f"SIP/2.0/{self.proto} {host}:{port};branch={branch or _branch()};rport"
+
+    def _sdp(self, offer: bytes) -> bytes:
+        return self.sdp(offer) if callable(self.sdp) else self.sdp
 
     # -- wire -------------------------------------------------------------------------------
 
@@ -125,7 +132,7 @@ class SipUA:
             f"Via: {d.invite_via}", "Max-Forwards: 70",
             f"From: <{d.local_uri}>;tag={d.local_tag}", f"To: <{target}>",
             f"Call-ID: {d.call_id}", "CSeq: 1 INVITE", f"Contact: <{self.contact}>",
-        ], SDP), SDP)
+        ], self._sdp(b"")), self._sdp(b""))
         return d
 
     def wait_answer(self, d: Dialog, timeout: float = 5.0) -> SipMessage:
@@ -189,7 +196,7 @@ class SipUA:
         # Kamailio's UDP workers relay replies in parallel: a 200 sent at once could overtake
         # the 180, which tm then rightly drops.
         time.sleep(0.05)
-        self.reply(inv, 200, "OK", to_tag=tag, body=SDP)
+        self.reply(inv, 200, "OK", to_tag=tag, body=self._sdp(inv.body))
         d = Dialog(call_id=inv.get("Call-ID"), local_uri=_uri(inv.get("To")), local_tag=tag,
                    remote_uri=_uri(inv.get("From")), remote_tag=_param(inv.get("From"), "tag"),
                    remote_target=_uri(inv.get("Contact")),

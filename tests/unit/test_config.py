@@ -1,4 +1,4 @@
-"""daemon/config.py load_config and daemon/tls_context.py server_context."""
+"""daemon/config.py load_config and daemon/engines/openssl.py server_context."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import trustme
 
 from tlsbridge.daemon import kamcheck
 from tlsbridge.daemon.config import ConfigError, ServerProfile, load_config
-from tlsbridge.daemon.tls_context import server_context
+from tlsbridge.daemon.engines.openssl import server_context
 
 VALID = """\
 [daemon]

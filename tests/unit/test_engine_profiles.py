@@ -127,15 +127,16 @@ def restricted_client(kind: str, certs: Path, *, tls13: str | None = None,
             ctx.set_max_proto_version(number)
         return pyopenssl.PyOpenSSLEngine(ctx, server_side=False, server_hostname=host)
     from tlsbridge.daemon.engines import gnutls
+    from tlsbridge.daemon.engines.gnutls import binding, priority
 
-    prio = ["NORMAL", gnutls._versions(version or "TLSv1.2", version or "TLSv1.3")]
+    prio = ["NORMAL", priority.versions(version or "TLSv1.2", version or "TLSv1.3")]
     if tls13:
-        ciphers = [s[3] for s in gnutls._tls13_suites(where, tls13)]
-        lib = gnutls._need_lib()
-        prio += ["-CIPHER-ALL", *(f"+{gnutls._name(lib, 'gnutls_cipher_get_name', c)}"
+        ciphers = [s[3] for s in priority.tls13_suites(where, tls13)]
+        lib = binding.need_lib()
+        prio += ["-CIPHER-ALL", *(f"+{binding.name_of(lib, 'gnutls_cipher_get_name', c)}"
                                   for c in ciphers)]
     if groups:
-        prio.append(gnutls._group_priority(where, groups))
+        prio.append(priority.group_priority(where, groups))
     ctx = gnutls.GnuTLSContext(server_side=False, priority=":".join(prio), verify="on")
     ctx.load_trust(certs / "ca.pem")
     return gnutls.GnuTLSEngine(ctx, server_hostname=host)
@@ -372,7 +373,7 @@ def test_ca_path(srv_engine: str, certs: Path, hashed_dir: Path, mode: str) -> N
 # ---- TLS 1.3 suites -------------------------------------------------------------------------
 
 # One setting every engine that restricts TLS 1.3 takes: with TLS 1.2 on, GnuTLS wants the
-# TLS 1.2 suites to use the very same ciphers (engines/gnutls.py).
+# TLS 1.2 suites to use the very same ciphers (engines/gnutls/priority.py).
 CHACHA = {"tls13_ciphersuites": "TLS_CHACHA20_POLY1305_SHA256",
           "ciphers": "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"}
 # What CHACHA gets with our ECDSA certificate, per protocol version

@@ -461,7 +461,7 @@ def test_tls12_cipher_string(cli_engine: str, srv_engine: str, certs: Path) -> N
     _, srv = connected(cli_engine, srv_engine, certs, min_version="TLSv1.3",
                        ciphers="ECDHE-ECDSA-AES128-GCM-SHA256")
     assert srv.facts().cipher == "TLS_AES_256_GCM_SHA384"
-    # With both on, GnuTLS has one cipher list for both versions (see engines/gnutls.py).
+    # With both on, GnuTLS has one cipher list for both versions (see engines/gnutls/priority.py).
     _, srv = connected(cli_engine, srv_engine, certs, ciphers="ECDHE-ECDSA-AES128-GCM-SHA256")
     assert srv.facts().version == "TLSv1.3"
     expected = "TLS_AES_128_GCM_SHA256" if srv_engine == "gnutls" else "TLS_AES_256_GCM_SHA384"
@@ -514,13 +514,13 @@ def test_unavailable_engine_names_the_reason(certs: Path,
 
 
 def test_missing_libgnutls_is_a_reason_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tlsbridge.daemon.engines import gnutls
+    from tlsbridge.daemon.engines.gnutls import binding
 
     def no_library(*_: Any, **__: Any) -> Any:
         raise OSError("libgnutls.so.30: cannot open shared object file")
 
-    monkeypatch.setattr(gnutls.ctypes, "CDLL", no_library)
-    lib, reason = gnutls._load()
+    monkeypatch.setattr(binding.ctypes, "CDLL", no_library)
+    lib, reason = binding.load()
     assert lib is None and reason is not None and "libgnutls.so.30 cannot be loaded" in reason
 
 
@@ -568,11 +568,11 @@ def test_gnutls_free(certs: Path) -> None:
 
 
 def test_factory_builds_the_context_once(certs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tlsbridge.daemon import tls_context
+    from tlsbridge.daemon.engines import openssl
 
     calls = []
-    real = tls_context.server_context
-    monkeypatch.setattr(tls_context, "server_context", lambda p: calls.append(p) or real(p))
+    real = openssl.server_context
+    monkeypatch.setattr(openssl, "server_context", lambda p: calls.append(p) or real(p))
     factory = server_engine_factory("openssl", profile(certs))
     engines = [factory() for _ in range(3)]
     assert len(calls) == 1 and len({id(e) for e in engines}) == 3

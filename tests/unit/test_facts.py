@@ -1,4 +1,5 @@
-"""Tests for the TLS facts model (shared/facts.py) and its extraction (daemon/certinfo.py)."""
+"""Tests for the TLS facts model (shared/facts.py) and its extraction (daemon/certinfo.py,
+daemon/engines/openssl.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tlsbridge.daemon.certinfo import cert_info_from_der, cert_info_from_pem_file, facts_from_ssl
+from tlsbridge.daemon.certinfo import cert_info_from_der, cert_info_from_pem_file
+from tlsbridge.daemon.engines.openssl import facts_from_ssl
 from tlsbridge.shared.facts import (
     FACTS_VERSION,
     VERIFY_ERROR_NO_PEER_CERT,

@@ -100,7 +100,6 @@ request_route { xlog("L_INFO", "PORT # not a comment // nor this\\n"); }
     (('modparam("registrar", "received_avp", "$avp(RECEIVED)")\n', ""),
      "registrar has no received_avp"),
     (("$avp(RECEIVED)", "$avp(rcv)"), "registrar received_avp is $avp(rcv)"),
-    (("alias=tls:203.0.113.10:5061\n", ""), "no alias=tls:203.0.113.10:5061"),
     (('loadmodule "app_python3.so"', ""), "app_python3 is not loaded"),
     (("listen=udp:203.0.113.10:5060\n", "listen=udp:203.0.113.10:5060\nlisten=tls:0.0.0.0:5061\n"),
      "listen=tls:... remains"),
@@ -111,6 +110,13 @@ def test_each_thing_that_breaks_the_bridge_is_an_error(change: tuple[str, str],
     assert old in GOOD_TOP
     found = errors(review(GOOD_TOP.replace(old, new, 1) + GOOD_ROUTES))
     assert any(e.startswith(error) for e in found), found
+
+
+def test_a_missing_tls_alias_is_a_warning() -> None:
+    findings = review(GOOD_TOP.replace("alias=tls:203.0.113.10:5061\n", "") + GOOD_ROUTES)
+    assert errors(findings) == []
+    assert any(level == "warning" and m.startswith("no alias=tls:203.0.113.10:5061")
+               for level, m in findings), findings
 
 
 def test_no_listen_lines_means_every_address() -> None:

@@ -28,6 +28,9 @@ def test_codec_refuses_garbage(data: bytes) -> None:
         lk.decode_reply(data)
 
 
+SLOW = 0.3  # seconds the server takes for "slow:" keys: well past a 10 ms client, even under load
+
+
 @pytest.fixture
 def server(tmp_path: Path):
     path = str(tmp_path / "lookup.sock")
@@ -36,7 +39,7 @@ def server(tmp_path: Path):
     started = threading.Event()
 
     async def slow(key: str) -> bytes | None:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(SLOW)
         return entries.get(key.removeprefix("slow:"))
 
     def find(key: str):
@@ -59,7 +62,7 @@ def server(tmp_path: Path):
 
 
 def test_client_finds_and_misses(server: str) -> None:
-    client = lk.LookupClient(server, timeout_ms=500)
+    client = lk.LookupClient(server, timeout_ms=2000)
     assert client.lookup("127.0.0.1:1") == {"conn": {"id": 1}, "tls": {}}
     assert client.lookup("127.0.0.1:2") is None
     assert client.lookup("slow:127.0.0.1:1") == json.loads(b'{"conn":{"id":1},"tls":{}}')
@@ -79,5 +82,5 @@ def test_a_late_answer_is_not_taken_for_the_next(server: str) -> None:
     with pytest.raises(lk.LookupUnavailable):
         client.lookup("slow:127.0.0.1:1")  # answered after the timeout
     client.timeout_ms = 500
-    time.sleep(0.1)
+    time.sleep(SLOW + 0.1)  # the late answer has arrived
     assert client.lookup("127.0.0.1:2") is None  # not the stale answer of the slow one

@@ -1,4 +1,4 @@
-"""daemon/tlscfg.py: Kamailio's tls.cfg read as Kamailio reads it, converted to a TOML that
+"""daemon/tlscfg/: Kamailio's tls.cfg read as Kamailio reads it, converted to a TOML that
 load_config accepts, with a warning for everything that does not carry over."""
 
 from __future__ import annotations
