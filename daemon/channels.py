@@ -80,6 +80,9 @@ class EventSink:
         sock = zmq.Context.instance().socket(zmq.XPUB)
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.LINGER, 0)
+        # Every subscription, not only a prefix's first: each new subscriber of
+        # daemon.started is greeted, the second of a prefix as much as the first.
+        sock.setsockopt(zmq.XPUB_VERBOSE, 1)
         bind(sock, endpoint)
         sink = cls(sock, on_drop, cls.FLUSH_DELAY)
         sink._prefixes = set()
@@ -104,8 +107,8 @@ class EventSink:
         return wanted
 
     def _read_subscriptions(self) -> None:
-        # XPUB passes on a prefix's first subscription and its last unsubscription (also when
-        # a subscriber goes away). Its descriptor signals an edge: read until there is none.
+        # XPUB (verbose) passes on every subscription, and a prefix's last unsubscription (also
+        # when a subscriber goes away). Its descriptor signals an edge: read until there is none.
         assert self._prefixes is not None
         while True:
             try:
@@ -124,6 +127,11 @@ class EventSink:
             self._prefixes.add(prefix)
             if self.greet is not None and ev.DAEMON_STARTED.startswith(prefix):
                 self.greet()
+
+    @property
+    def subscriptions(self) -> list[str]:
+        """The topic prefixes someone subscribes to now (a publisher; [] for a pusher)."""
+        return sorted(self._prefixes or ())
 
     def send(self, frames: list[bytes]) -> None:
         self._queued.append(frames)

@@ -1,6 +1,7 @@
 """The control operations of one worker (or of a daemon without supervisor): `ping`,
-`lookup`, `list`, `kill`, `stats` over the connection table, `connect` by the outbound
-connector, `reload` by the server. The table knows nothing of them.
+`lookup`, `list`, `kill`, `stats` over the connection table (and the publisher's
+subscriptions), `connect` by the outbound connector, `reload` by the server. The table knows
+nothing of them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tlsbridge.shared.lookup import encode_json_entry
 
 if TYPE_CHECKING:
     from tlsbridge.daemon.outbound import Connector
+    from tlsbridge.daemon.publisher import FactsPublisher
     from tlsbridge.daemon.table import Connection, ConnectionTable
 
 # reload() -> the changes; raises ConfigError or OSError with the reason
@@ -24,9 +26,11 @@ Reloader = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class ControlOps:
-    def __init__(self, table: ConnectionTable, counters: collections.Counter[str], src: str,
-                 connector: Connector, reload: Reloader) -> None:
+    def __init__(self, table: ConnectionTable, publisher: FactsPublisher,
+                 counters: collections.Counter[str], src: str, connector: Connector,
+                 reload: Reloader) -> None:
         self.table = table
+        self.publisher = publisher
         self.counters = counters
         self.src = src
         self.connector = connector
@@ -114,6 +118,8 @@ class ControlOps:
             "bytes_in": bytes_in,
             "bytes_out": bytes_out,
             "counters": dict(self.counters),
+            # Who listens: Kamailio's rtimer subscribes to outbound. (and more) once it runs.
+            "subscriptions": self.publisher.subscriptions,
         }
 
     def _uptime(self) -> float:

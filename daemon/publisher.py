@@ -51,6 +51,11 @@ class FactsPublisher:
                 frames.append(encode_note(conn, fields))
             sink.send(frames)
 
+    @property
+    def subscriptions(self) -> list[str]:
+        """The topic prefixes someone subscribes to now ([] for a worker's PUSH)."""
+        return self.sink.subscriptions if self.sink is not None else []
+
     # -- the facts map ----------------------------------------------------------------------
 
     def map_facts(self, ref: ConnRef, facts: TlsFacts, port: int) -> None:

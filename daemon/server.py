@@ -142,7 +142,8 @@ class Server:
                                         noted=worker is not None)
         self.table = ConnectionTable(counters, worker, self.generation)
         self.connector = Connector(self.table, self.publisher, config, clients)
-        self.ops = ControlOps(self.table, counters, self.src, self.connector, self.reload)
+        self.ops = ControlOps(self.table, self.publisher, counters, self.src, self.connector,
+                              self.reload)
         if worker is None:
             self._control = ControlServer.router(self._ctx, config.control_endpoint,
                                                  self.ops.handle_request)

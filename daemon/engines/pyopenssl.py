@@ -46,6 +46,11 @@ _VERIFY_FLAGS = {
     "on": SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
     "optional_no_ca": SSL.VERIFY_PEER,
 }
+# A TCP FIN without close_notify ends the peer's half of the stream, as close_notify does:
+# OpenSSL 3 would otherwise fail the session, and the replies still due to the peer with it.
+# (Python's ssl sets this option by default; pyOpenSSL has no name for it.)
+_IGNORE_UNEXPECTED_EOF = (getattr(SSL, "OP_IGNORE_UNEXPECTED_EOF", 0) or (
+    1 << 7 if SSL.OPENSSL_VERSION_NUMBER >= 0x30000000 else 0))
 # Renegotiation is a DoS vector and SIP has no use for it; tickets cost CPU for clients
 # that rarely resume (see the openssl engine's server_context).
 _SERVER_OPTIONS = (
@@ -53,6 +58,7 @@ _SERVER_OPTIONS = (
     | SSL.OP_CIPHER_SERVER_PREFERENCE
     | SSL.OP_NO_TICKET
     | getattr(SSL, "OP_NO_RENEGOTIATION", 0)
+    | _IGNORE_UNEXPECTED_EOF
 )
 _ALERT_UNRECOGNIZED_NAME = 112  # RFC 6066
 
@@ -375,7 +381,8 @@ def client_context(profile: ClientProfile, *, alpn: Sequence[str] = ()) -> SSL.C
     client profile."""
     where = f"client profile '{profile.name}'"
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    ctx.set_options(SSL.OP_NO_COMPRESSION | getattr(SSL, "OP_NO_RENEGOTIATION", 0))
+    ctx.set_options(SSL.OP_NO_COMPRESSION | getattr(SSL, "OP_NO_RENEGOTIATION", 0)
+                    | _IGNORE_UNEXPECTED_EOF)
     _settings(where, ctx, profile)
     if profile.certificate is not None:
         _identity(where, ctx, profile)

@@ -389,6 +389,7 @@ class Broker:
             counters.update({k: v for k, v in reply.get("counters", {}).items()
                              if not k.startswith(_COUNTED_HERE)})
         merged["counters"] = dict(counters)
+        merged["subscriptions"] = self._events.subscriptions
         return merged
 
     async def _ask(self, index: int, op: str, args: dict[str, Any],

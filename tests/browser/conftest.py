@@ -4,8 +4,8 @@ registry) over WSS through the daemon into Kamailio's websocket module.
 
 The development CA is trusted by the server key's SPKI hash
 (`--ignore-certificate-errors-spki-list`, honoured with `--user-data-dir`): no NSS database.
-Without chromium, chromedriver or npm the tests are skipped, except under CI (CI=true), where
-`make test` must have installed them and their absence is a failure.
+Without chromium, chromedriver or npm the tests fail (make deps installs them), or are skipped
+with TLSBRIDGE_TEST_ALLOW_MISSING=1 (tests/support/requirements.py).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.integration.conftest import certs, stop_stack  # noqa: F401 - the certs fixture
 from tests.integration.test_websocket import WssStack, start_wss_stack
+from tests.support import requirements
 from tests.support.procs import ROOT, Proc, free_port, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
@@ -51,10 +52,9 @@ def _missing() -> list[str]:
 @pytest.fixture(scope="session", autouse=True)
 def _browser_tools() -> None:
     missing = _missing()
-    if missing and os.environ.get("CI"):
-        pytest.fail(f"browser tests need {', '.join(missing)}: make deps installs them")
     if missing:
-        pytest.skip(f"browser tests need {', '.join(missing)} (make deps installs them)")
+        requirements.missing(f"browser tests need {', '.join(missing)} (make deps installs "
+                             "them)")
 
 
 def spki_hash(cert_pem: Path) -> str:

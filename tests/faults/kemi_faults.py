@@ -1,9 +1,12 @@
 # Test-only KEMI routing script for the fault and security tests (never a reference config).
 #
-# OPTIONS to this server: 200 with X-TLS (the facts the bridge gives, as the reference script).
+# OPTIONS to this server: 200 with X-TLS (the facts the bridge gives, as the reference script)
+#   and X-Facts-From (which of the bridge's sources gave them: map_hits, lookups, ...).
 # MESSAGE: 200 whose body is the request's body, with X-Body-SHA256 computed here, in Kamailio,
 #   over the body it received (the client checks both directions).
 # MESSAGE to user "flood" with "X-Flood: N": N replies, each carrying the request's body.
+# MESSAGE to user "sink": no reply; htable tlsb counts sink_ok (the body's sha256 equals its
+#   X-Body-SHA256 header) or sink_bad.
 # OPTIONS to user "close": 200, then Kamailio closes the hairpin (tcpops).
 # With TLSB_FAULTS_NO_EVENTS=1 in Kamailio's environment, the rtimer never subscribes to events.
 
@@ -22,6 +25,7 @@ from tlsbridge.kemi import TlsBridge
 
 bridge = TlsBridge(os.environ["TLSBRIDGE_CONFIG"])
 NO_EVENTS = os.environ.get("TLSB_FAULTS_NO_EVENTS") == "1"
+FACTS_SOURCES = ("cache_hits", "map_hits", "htable_hits", "lookups", "lookup_failures")
 
 
 def mod_init():
@@ -50,6 +54,10 @@ class kamailio:
         if KSR.is_MESSAGE():
             body = KSR.pv.get("$rb") or ""
             digest = hashlib.sha256(body.encode("utf-8", "surrogateescape")).hexdigest()
+            if user == "sink":  # no reply: count in htable whether the body arrived intact
+                intact = digest == (KSR.pv.get("$hdr(X-Body-SHA256)") or "")
+                KSR.htable.sht_inc("tlsb", "sink_ok" if intact else "sink_bad")
+                return 1
             KSR.hdr.append_to_reply(f"X-Body-SHA256: {digest}\r\n")
             KSR.hdr.append_to_reply(f"X-Body-Length: {len(body)}\r\n")
             if body:
@@ -61,7 +69,13 @@ class kamailio:
                 KSR.sl.sl_send_reply(200, "OK")
             return 1
         if KSR.is_OPTIONS():
+            before = dict(bridge.stats)
             found = bridge.connection()
+            # Where this message's facts came from: the worker's cache, the facts map, or the
+            # look-up (a miss, or an entry refused as stale), as the bridge counted it.
+            took = [k for k in FACTS_SOURCES if bridge.stats.get(k) != before.get(k)]
+            KSR.hdr.append_to_reply(f"X-Facts-From: {','.join(took) or 'none'}\r\n")
+            KSR.hdr.append_to_reply(f"X-Worker: {os.getpid()}\r\n")
             if found is not None:
                 t = found.tls
                 KSR.hdr.append_to_reply(

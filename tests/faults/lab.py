@@ -128,6 +128,8 @@ class Lab(Stack):
         self.kamailio = kam
         kam.wait_ready()
         kam.raise_read_buffer()
+        if not self.kamailio_env.get("TLSB_FAULTS_NO_EVENTS"):
+            self.daemon.wait_subscribed()  # its rtimer, as in tests/integration/conftest.py
         return kam
 
     def stop_kamailio(self) -> None:
@@ -213,9 +215,15 @@ def lab_stack(workdir: Path, certs: dict[str, Path], *, with_kamailio: bool = Tr
     finally:
         if lab.events is not None:
             lab.events.close()
-        for kam in lab.kamailios:
-            kam.stop()
-        daemon.stop()
+        # Every process is stopped, even when one's stop reports a failure (Kamailio's log).
+        failures: list[AssertionError] = []
+        for proc in (*lab.kamailios, daemon):
+            try:
+                proc.stop()
+            except AssertionError as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
 
 # -- resources ------------------------------------------------------------------------------
@@ -372,6 +380,7 @@ class RawTls:
         self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
         self.framer = StreamFramer()
         self.queue: list[bytes] = []
+        self.plaintext_in = 0  # bytes of plaintext read so far
 
     @property
     def local(self) -> tuple[str, int]:
@@ -400,6 +409,8 @@ class RawTls:
         if out:
             self.sock.sendall(out)
 
+    flush = _flush
+
     def send(self, plaintext: bytes) -> None:
         self.obj.write(plaintext)
         self._flush()
@@ -411,9 +422,13 @@ class RawTls:
         end = time.monotonic() + timeout
         while not self.queue:
             try:
-                data = self.obj.read(65536)
+                try:
+                    data = self.obj.read(65536)
+                except ssl.SSLZeroReturnError:  # the peer's close_notify
+                    data = b""
                 if not data:
                     raise ConnectionError("TLS closed")
+                self.plaintext_in += len(data)
                 self.queue.extend(self.framer.feed(data))
                 continue
             except ssl.SSLWantReadError:

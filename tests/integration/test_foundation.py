@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Stack, start_stack, stop_stack
+from tests.integration.conftest import Stack, base_engine, start_stack, stop_stack
+from tests.support.procs import wait_until
 from tests.support.sip import TlsUA, build_request
 from tlsbridge.shared import events as ev
 from tlsbridge.shared.addr import format_addr
@@ -126,7 +127,12 @@ def test_client_dropping_mid_message_is_published_and_others_are_served(
     msg = build_request("OPTIONS", f"sip:127.0.0.1:{stack.tls_port}", via_proto="TLS",
                         local=ua.local)
     ua.send(msg[: len(msg) // 2])
-    time.sleep(0.3)  # the half message reaches the daemon (an RST would purge it in the kernel)
+
+    def relayed() -> int:  # the half message reached the daemon (an RST would purge it)
+        return {c["conn"]["peer"]: c["bytes_in"]
+                for c in stack.daemon.request("list")["conns"]}.get(peer, 0)
+
+    wait_until(lambda: relayed() == len(msg) // 2, 5, "the half message to reach the daemon")
     if how == "rst":  # an abortive close, as a crashing client's kernel does
         ua.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
         ua.sock.close()
@@ -173,8 +179,9 @@ def test_events_carry_the_facts_before_the_hairpin(stack: Stack) -> None:
     assert closed.ts >= est.ts  # seq counts per topic: these two are of different topics
 
 
-def test_kamailio_not_running(tmp_path: Path, certs: dict[str, Path]) -> None:
-    stack = start_stack(tmp_path, certs, with_kamailio=False)
+def test_kamailio_not_running(tmp_path: Path, certs: dict[str, Path], engine: str) -> None:
+    """On every engine variant (the module's `engine`), the daemon alone."""
+    stack = start_stack(tmp_path, certs, with_kamailio=False, engine=engine)
     try:
         for _ in range(2):
             ua = TlsUA(*stack.tls_addr, ca=stack.ca)
@@ -195,6 +202,11 @@ def test_kamailio_not_running(tmp_path: Path, certs: dict[str, Path]) -> None:
             )
         assert stack.daemon.alive()
         assert stack.daemon.request("ping")["pong"]
+        # It ran the variant asked for: the engine, and one or two workers.
+        started = stack.events.wait_for(lambda e: e.type == ev.DAEMON_STARTED)
+        assert started.fields.get("workers", 1) == (2 if engine.endswith("-x2") else 1)
+        base = base_engine(engine)
+        assert f"engine {base})" in stack.daemon.log.read_text(), stack.daemon.tail()
         stats = stack.daemon.request("stats")
         assert stats["counters"]["hairpin.failed.hairpin_failed"] == 2
         assert stats["open"] == 0
@@ -202,19 +214,23 @@ def test_kamailio_not_running(tmp_path: Path, certs: dict[str, Path]) -> None:
         stop_stack(stack)
 
 
-def test_handshake_timeout_closes_silent_clients(tmp_path: Path, certs: dict[str, Path]) -> None:
-    stack = start_stack(tmp_path, certs, with_kamailio=False,
-                        extra="")
+def test_handshake_timeout_closes_silent_clients(tmp_path: Path, certs: dict[str, Path],
+                                                 engine: str) -> None:
+    """On every engine variant (the module's `engine`): closed at handshake_timeout, not before."""
+    stack = start_stack(tmp_path, certs, with_kamailio=False, engine=engine,
+                        handshake_timeout=1.0)
     try:
         s = socket.create_connection(stack.tls_addr)
+        started = time.monotonic()
         peer = format_addr(*s.getsockname()[:2])
+        s.settimeout(5)
+        assert s.recv(10) == b""
+        took = time.monotonic() - started
+        assert 0.9 <= took < 3.0, f"closed after {took:.2f} s"
         failed = stack.events.wait_for(
             lambda e: e.type == ev.TLS_FAILED and e.conn.peer == peer, timeout=10
         )
         assert failed.reason == "handshake_timeout"
-        s.settimeout(2)
-        assert s.recv(10) == b""
         s.close()
     finally:
         stop_stack(stack)
-

@@ -86,20 +86,29 @@ def test_readme_walkthrough(clone: Path, netns: str) -> None:
             ["ip", "netns", "exec", netns, "bash", "-c",
              env + ".venv/bin/tlsbridge events --duration 6"],
             cwd=clone, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(1.5)
+        # Subscribed once the daemon's greeting is printed (bounded by --duration).
+        assert tail.stdout is not None
+        greeting = tail.stdout.readline()
+        assert "daemon.started" in greeting, greeting
         held = subprocess.Popen(
             ["ip", "netns", "exec", netns, "bash", "-c",
              "sleep 3 | openssl s_client -connect 127.0.0.1:5061 -quiet -no_ign_eof "
              "-CAfile run/certs/ca.pem"],
             cwd=clone, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)
-        status = sh(netns, clone, env + ".venv/bin/tlsbridge status")
-        assert status.returncode == 0 and "TLSv1.3" in status.stdout, status.stderr
+        # The held connection is up once `status` lists it.
+        end = time.monotonic() + 10
+        while True:
+            status = sh(netns, clone, env + ".venv/bin/tlsbridge status")
+            if status.returncode == 0 and "TLSv1.3" in status.stdout:
+                break
+            assert time.monotonic() < end, status.stdout + status.stderr
+            time.sleep(0.1)
         assert sh(netns, clone, env + ".venv/bin/tlsbridge ping").returncode == 0
         reload = sh(netns, clone, env + ".venv/bin/tlsbridge reload")
         assert reload.returncode == 0 and "reloaded" in reload.stdout, reload.stderr
         held.wait(timeout=20)
         out, err = tail.communicate(timeout=20)
+        out = greeting + out
         assert "tls.established" in out and "conn.closed" in out, out + err
         assert "config.reloaded" in out
     finally:

@@ -68,9 +68,10 @@ def test_events_cli_catches_a_connection(ops: Stack) -> None:
                              "--duration", "4", "-c", str(ops.daemon.config)],
                             stdout=subprocess.PIPE, text=True)
     try:
-        import time
-
-        time.sleep(1.0)
+        # Subscribed once the daemon's greeting (daemon.started) is printed.
+        assert tail.stdout is not None
+        first = tail.stdout.readline()
+        assert json.loads(first)["type"] == "daemon.started", first
         ua = TlsUA(*ops.tls_addr, ca=ops.ca)
         peer = format_addr(*ua.local)
         ua.close()
@@ -78,6 +79,7 @@ def test_events_cli_catches_a_connection(ops: Stack) -> None:
     finally:
         if tail.poll() is None:
             tail.kill()
+            tail.wait()
     types = [json.loads(line)["type"] for line in out.splitlines()
              if json.loads(line).get("conn") and json.loads(line)["conn"]["peer"] == peer]
     assert "tls.established" in types and "conn.closed" in types

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import statistics
 import threading
 import time
@@ -15,13 +16,40 @@ import pytest
 import trustme
 
 from tests.integration.conftest import Stack, start_stack, stop_stack
-from tests.support.procs import Daemon, free_tcp_udp_port
+from tests.support.procs import Daemon, free_tcp_udp_port, wait_until
 from tests.support.sip import UdpUA, build_request
 from tests.support.trunk import SilentServer, TlsTrunk, TrunkConn
 from tests.support.ua import SipUA
 from tlsbridge.shared import events as ev
 
 pytestmark = [pytest.mark.integration]
+
+
+class Blackhole:
+    """A TCP port on loopback where connects hang: its accept queue is full and never drained,
+    so the kernel drops every further SYN (the client retransmits, and waits)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.port = self.listener.getsockname()[1]
+        self.fill: list[socket.socket] = []
+        while True:  # until a connect no longer completes
+            c = socket.socket()
+            c.settimeout(0.3)
+            try:
+                c.connect(("127.0.0.1", self.port))
+            except TimeoutError:
+                c.close()
+                break
+            self.fill.append(c)
+            assert len(self.fill) < 64, "the accept queue never filled"
+
+    def close(self) -> None:
+        for c in self.fill:
+            c.close()
+        self.listener.close()
 
 
 class World:
@@ -39,6 +67,7 @@ class World:
         self.bad = TlsTrunk(tmp / "bad.pem", tmp / "bad.key")
         self.silent = [SilentServer() for _ in range(20)]
         self.down_port = free_tcp_udp_port()
+        self.blackhole = Blackhole()
         extra = f"""
 [outbound]
 connect_timeout = 2.5
@@ -46,6 +75,10 @@ connect_timeout = 2.5
 [client.default]
 ca_list = "{tmp / 'trunk-ca.pem'}"
 engine = "{engine}"
+
+[client.tenant1]
+engine = "{engine}"
+ca_list = "{tmp / 'trunk-ca.pem'}"
 
 [client.tenant2]
 engine = "{engine}"
@@ -68,10 +101,21 @@ address = "127.0.0.1:{self.down_port}"
 sni = "trunk.example.test"
 prefixes = ["+44"]
 
+[trunk.blackhole]
+address = "127.0.0.1:{self.blackhole.port}"
+sni = "trunk.example.test"
+prefixes = ["+39"]
+
 [trunk.restart]  # a connection of its own, for the daemon restart test
 address = "127.0.0.1:{self.good.port}"
 sni = "alt.example.test"
 prefixes = ["+86"]
+
+[trunk.tenant_a]
+address = "127.0.0.1:{self.good.port}"
+sni = "alt.example.test"
+client = "tenant1"
+prefixes = ["+63"]
 
 [trunk.tenant_b]
 address = "127.0.0.1:{self.good.port}"
@@ -86,6 +130,7 @@ prefixes = ["+62"]
         stop_stack(self.stack)
         self.good.close()
         self.bad.close()
+        self.blackhole.close()
         for s in self.silent:
             s.close()
 
@@ -171,32 +216,66 @@ def test_trunk_with_a_wrong_certificate_gets_not_one_byte(world: World) -> None:
         caller.close()
 
 
-def test_trunk_unreachable_fails_within_the_connect_timeout(world: World) -> None:
+def test_trunk_refusing_fails_at_once(world: World) -> None:
     stack = world.stack
     caller = udp_ua(stack, "carol")
     try:
         start = time.monotonic()
         caller.invite(f"sip:+4420794@127.0.0.1:{stack.sip_port}")
         final = caller.expect(status=503, timeout=6)
-        assert time.monotonic() - start < 3.5
+        assert time.monotonic() - start < 1.5  # refused: no waiting for the timeout
         assert "connect_failed" in final.first_line
+        failed = stack.events.wait_for(lambda e: e.type == ev.OUTBOUND_FAILED
+                                       and e.fields["target"]["port"] == world.down_port)
+        assert failed.reason == "connect_failed", failed.fields
+    finally:
+        caller.close()
+
+
+def test_trunk_unreachable_fails_within_the_connect_timeout(world: World) -> None:
+    """The trunk's TCP connect hangs (SYNs dropped): the call fails when `[outbound]
+    connect_timeout` (2.5 s here) runs out, not sooner, not much later."""
+    stack = world.stack
+    caller = udp_ua(stack, "carl")
+    try:
+        start = time.monotonic()
+        caller.invite(f"sip:+3906123@127.0.0.1:{stack.sip_port}")
+        final = caller.expect(status=503, timeout=8)
+        took = time.monotonic() - start
+        assert 2.5 * 0.9 <= took < 2.5 + 1.5, f"failed after {took:.2f} s"
+        assert "timeout" in final.first_line, final.first_line
+        failed = stack.events.wait_for(lambda e: e.type == ev.OUTBOUND_FAILED
+                                       and e.fields["target"]["port"] == world.blackhole.port)
+        assert failed.reason == "timeout", failed.fields
     finally:
         caller.close()
 
 
 def test_two_tenants_to_one_trunk_get_their_own_connections(world: World) -> None:
+    """Trunks `tenant_a` and `tenant_b`: the same server, the same SNI, two client profiles
+    (tenant2 presents a certificate, tenant1 none). Each gets its own connection, declared to
+    Kamailio under a source of its own."""
     stack = world.stack
     caller = udp_ua(stack, "dave")
     try:
         before = len(world.good.conns)
-        conn = call_over_trunk(world, caller, "+6212345", before + 1)
-        assert conn.sni == "alt.example.test"
-        # The second identity presented its client certificate; the first one none.
-        assert world.good.client_subjects[-1]
+        first = call_over_trunk(world, caller, "+6312345", before + 1)  # trunk.tenant_a
+        second = call_over_trunk(world, caller, "+6212345", before + 2)  # trunk.tenant_b
+        assert first is not second
+        assert first.sni == second.sni == "alt.example.test"
+        # The trunk saw one connection without a client certificate, one with tenant2's.
+        subjects = world.good.client_subjects[before:before + 2]
+        assert not subjects[0], subjects[0]
+        assert "tenant2.example.test" in str(subjects[1]), subjects[1]
         listed = stack.daemon.request("list")["conns"]
         outs = [c for c in listed if c["conn"]["direction"] == "out"
-                and c["tls"]["sni"] in ("trunk.example.test", "alt.example.test")]
-        assert len({c["conn"]["peer"] for c in outs}) == len(outs) >= 1
+                and c["tls"]["sni"] == "alt.example.test"]
+        assert len(outs) == 2, outs
+        assert len({c["conn"]["peer"] for c in outs}) == 2, [c["conn"] for c in outs]
+        assert len({c["conn"]["hairpin"] for c in outs}) == 2, [c["conn"] for c in outs]
+        # A second call of the tenant reuses its own connection.
+        call_over_trunk(world, caller, "+6299999", before + 2)
+        assert len(world.good.conns) == before + 2
     finally:
         caller.close()
 
@@ -235,7 +314,8 @@ def test_hanging_connects_do_not_delay_other_calls(world: World) -> None:
         baseline = [call_latency() for _ in range(30)]
         for ua, silent in zip(hangers, world.silent, strict=True):
             ua.invite(f"sips:x@127.0.0.1:{silent.port}")
-        time.sleep(0.2)
+        wait_until(lambda: all(s.held for s in world.silent), 5,
+                   "every silent server to hold the daemon's connection")
         loaded = [call_latency() for _ in range(200)]
         # Everything happened while the 20 TLS handshakes were hanging (2.5 s).
         assert all(s.held for s in world.silent)
@@ -294,6 +374,8 @@ def test_calls_to_a_trunk_after_the_daemon_crashed_and_restarted(world: World) -
         # A new connection: the daemon's o: key in htable.
         call_over_trunk(world, caller, "+8610555", len(world.good.conns) + 1)
         before = len(world.good.conns)
+        assert stack.kamailio is not None
+        assert "o:" in stack.kamailio.kamcmd("htable.dump", "tlsb")  # the o: key is there
         old_srcs = {e.src for e in stack.events.events}
         config, old = stack.daemon.config, stack.daemon
         os.killpg(old.popen.pid, signal.SIGKILL)
@@ -303,7 +385,9 @@ def test_calls_to_a_trunk_after_the_daemon_crashed_and_restarted(world: World) -
         # The rtimer reconnects and is greeted with daemon.started; it polls every 50 ms.
         stack.events.wait_for(lambda e: e.type == ev.DAEMON_STARTED and e.src not in old_srcs,
                               timeout=5)
-        time.sleep(0.5)
+        # ...and clears htable tlsb of the dead daemon's connections.
+        wait_until(lambda: "o:" not in stack.kamailio.kamcmd("htable.dump", "tlsb"), 5,
+                   "Kamailio's rtimer to forget the dead daemon's connections")
         call_over_trunk(world, caller, "+8610555", before + 1)
     finally:
         caller.close()

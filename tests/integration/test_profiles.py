@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -18,8 +19,9 @@ from cryptography.hazmat.primitives import hashes
 from tests.integration.conftest import Stack, start_stack, stop_stack
 from tests.support.pki import write_crl
 from tests.support.procs import free_tcp_udp_port
-from tests.support.sip import TlsUA
+from tests.support.sip import TlsUA, build_request
 from tlsbridge.shared import events as ev
+from tlsbridge.shared.addr import format_addr
 
 pytestmark = [pytest.mark.integration]
 
@@ -158,26 +160,63 @@ def test_strict_sni_refuses_an_unknown_name(lab: Lab) -> None:
         ua.close()
 
 
-def test_mtls_refuses_no_certificate(lab: Lab) -> None:
-    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-        ua = lab.ua("mtls", sni="localhost")
-        lab.options(ua)  # TLS 1.3: the refusal arrives after the client's Finished
-    lab.stack.events.wait_for(lambda e: e.type == ev.TLS_FAILED
-                              and e.conn.listener.endswith(f":{lab.ports['mtls']}"))
+def mtls_refusal(lab: Lab, client: str | None, version: ssl.TLSVersion) -> tuple[str, str]:
+    """Connect to the mutual-TLS listener and send an OPTIONS; (our address, the TLS error we
+    were refused with). The refusal must be a TLS alert: silence (a timeout) or a plain close
+    fails the test, as does a reply."""
+    ctx = ssl.create_default_context(cafile=str(lab.dir / "ca.pem"))
+    ctx.minimum_version = ctx.maximum_version = version
+    if client:
+        ctx.load_cert_chain(str(lab.dir / f"{client}.pem"), str(lab.dir / f"{client}.key"))
+    raw = socket.create_connection(("127.0.0.1", lab.ports["mtls"]), timeout=5)
+    peer = format_addr(*raw.getsockname()[:2])
+    try:
+        try:
+            tls = ctx.wrap_socket(raw, server_hostname="localhost")
+        except ssl.SSLError as exc:  # TLS 1.2: refused in the handshake
+            return peer, f"{exc.reason}: {exc}"
+        # TLS 1.3: our handshake is done before the server has checked our certificate; its
+        # refusal is the alert our first read gets.
+        tls.sendall(build_request("OPTIONS", f"sip:127.0.0.1:{lab.stack.sip_port}",
+                                  via_proto="TLS", local=tls.getsockname()[:2]))
+        try:
+            data = tls.recv(65536)
+        except ssl.SSLError as exc:
+            return peer, f"{exc.reason}: {exc}"
+        pytest.fail(f"not refused with an alert: the client read {data[:60]!r}")
+    finally:
+        raw.close()
 
 
-@pytest.mark.parametrize("client", ["stranger", "revoked"])
-def test_mtls_refuses_bad_certificates(lab: Lab, client: str) -> None:
-    before = len(lab.stack.events.of(ev.TLS_FAILED))
-    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-        ua = lab.ua("mtls", sni="localhost", client=client)
-        lab.options(ua)
-    lab.stack.events.wait_for(lambda e: e.type == ev.TLS_FAILED
-                              and len(lab.stack.events.of(ev.TLS_FAILED)) > before)
-    failed = lab.stack.events.of(ev.TLS_FAILED)[-1]
-    detail = failed.fields["detail"].lower()
-    assert ("revoked" in detail) if client == "revoked" else ("unknown ca" in detail
-                                                              or "certificate" in detail)
+MTLS_VERSIONS = pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2,
+                                                    ssl.TLSVersion.TLSv1_3],
+                                        ids=lambda v: v.name)
+
+
+@MTLS_VERSIONS
+def test_mtls_refuses_no_certificate(lab: Lab, version: ssl.TLSVersion) -> None:
+    peer, seen = mtls_refusal(lab, None, version)
+    want = "CERTIFICATE_REQUIRED" if version is ssl.TLSVersion.TLSv1_3 else "HANDSHAKE_FAILURE"
+    assert want in seen, seen
+    failed = lab.stack.events.wait_for(lambda e: e.type == ev.TLS_FAILED and e.conn.peer == peer)
+    assert failed.reason == "handshake_failed", failed.fields
+    assert "DID_NOT_RETURN_A_CERTIFICATE" in failed.fields["detail"].upper(), failed.fields
+    assert not [e for e in lab.stack.events.of(ev.TLS_ESTABLISHED) if e.conn.peer == peer]
+
+
+@MTLS_VERSIONS
+@pytest.mark.parametrize(("client", "alert", "detail"), [
+    ("stranger", "UNKNOWN_CA", "unable to get local issuer certificate"),
+    ("revoked", "CERTIFICATE_REVOKED", "certificate revoked"),
+])
+def test_mtls_refuses_bad_certificates(lab: Lab, client: str, alert: str, detail: str,
+                                       version: ssl.TLSVersion) -> None:
+    peer, seen = mtls_refusal(lab, client, version)
+    assert alert in seen, seen
+    failed = lab.stack.events.wait_for(lambda e: e.type == ev.TLS_FAILED and e.conn.peer == peer)
+    assert failed.reason == "verify_failed", failed.fields
+    assert failed.fields["detail"] == detail, failed.fields
+    assert not [e for e in lab.stack.events.of(ev.TLS_ESTABLISHED) if e.conn.peer == peer]
 
 
 def test_mtls_good_certificate_is_visible_in_routing(lab: Lab) -> None:

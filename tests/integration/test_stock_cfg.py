@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_routing import call, hang_up, uniq
+from tests.support import requirements
 from tests.support.procs import Daemon, Proc, free_tcp_udp_port, wait_until
 from tests.support.sip import TlsUA, UdpUA, build_request
 from tests.support.ua import SipUA
@@ -36,9 +37,11 @@ WITH_TLS = ["-A", "WITH_TLS"]
 FORBIDDEN_LOG = ("no corresponding socket", "is_direction", "no socket found to match second RR",
                  "Traceback", "TypeError", "SystemError", "Unhandled exception")
 
-if not (STOCK / "kamailio.cfg").is_file() or not (STOCK / "tls.cfg").is_file():
-    pytest.skip("Debian's kamailio and kamailio-tls-modules are not installed (make test "
-                "installs them)", allow_module_level=True)
+@pytest.fixture(autouse=True, scope="module")
+def _stock_files() -> None:
+    if not (STOCK / "kamailio.cfg").is_file() or not (STOCK / "tls.cfg").is_file():
+        requirements.missing("Debian's kamailio.cfg and tls.cfg (apt-get install kamailio "
+                             "kamailio-tls-modules)")
 
 
 @dataclass

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import zmq
 
+from tests.support.requirements import kamailio as kamailio_binary
+from tests.support.requirements import kamcmd as kamcmd_binary
 from tests.support.sip import UdpUA
 from tlsbridge.shared.client import ControlClient
 from tlsbridge.shared.control import ControlError
@@ -101,6 +103,24 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def with_listener_aliases(workdir: Path, bridge_config: Path, tls_port: int) -> Path:
+    """The reference kamailio.cfg names the daemon's one TLS address (alias=tls:..:TLS_PORT).
+    For a daemon with more listeners, a cfg in `workdir` adds an alias for each of the others
+    and includes the reference one: Kamailio's start-up review (kemi check_kamailio) refuses
+    a listener that is not one of its own addresses."""
+    import tomllib
+
+    listeners = tomllib.loads(bridge_config.read_text()).get("listener", [])
+    extra = [lst.get("advertise") or lst["address"] for lst in listeners]
+    extra = [a for a in extra if not a.endswith(f":{tls_port}")]
+    if not extra:
+        return CFG / "kamailio.cfg"
+    cfg = workdir / "kamailio-aliases.cfg"
+    cfg.write_text("#!KAMAILIO\n" + "".join(f"alias=tls:{a}\n" for a in extra)
+                   + f'include_file "{CFG / "kamailio.cfg"}"\n')
+    return cfg
+
+
 class Kamailio(Proc):
     def __init__(
         self, workdir: Path, *, sip_port: int, hairpin_port: int, tls_port: int,
@@ -110,8 +130,9 @@ class Kamailio(Proc):
     ) -> None:
         self.sip_port, self.hairpin_port = sip_port, hairpin_port
         self.ctl = f"unix:{workdir}/kamailio_ctl"
+        cfg = with_listener_aliases(workdir, bridge_config, tls_port)
         argv = [
-            *prefix, "kamailio", "-f", str(CFG / "kamailio.cfg"), "-DD", "-E",
+            *prefix, kamailio_binary(), "-f", str(cfg), "-DD", "-E",
             "-A", f"SIP_PORT={sip_port}", "-A", f"HAIRPIN_PORT={hairpin_port}",
             "-A", f"TLS_PORT={tls_port}", "-A", f"CHILDREN={children}",
             "-A", f'KEMI_SCRIPT="{script}"', "-A", f'CTL_SOCKET="{self.ctl}"',
@@ -158,8 +179,24 @@ class Kamailio(Proc):
         finally:
             ua.close()
 
+    # An exception the routing script or the bridge let escape into Kamailio is a bug
+    # whatever a test asserted: it fails the test that stops this Kamailio.
+    PYTHON_ERRORS = ("Unhandled exception in the Python code",)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        super().stop(timeout)
+        try:
+            log = self.log.read_text(errors="replace")
+        except OSError:
+            return
+        bad = [m for m in self.PYTHON_ERRORS if m in log]
+        if bad:
+            at = log.index(bad[0])
+            raise AssertionError(f"Kamailio ({self.log}) logged {bad[0]!r}:\n"
+                                 f"{log[max(0, at - 200):at + 1500]}")
+
     def kamcmd(self, *args: str) -> str:
-        out = subprocess.run(["kamcmd", "-s", self.ctl, *args], capture_output=True,
+        out = subprocess.run([kamcmd_binary(), "-s", self.ctl, *args], capture_output=True,
                              text=True, timeout=10)
         return out.stdout + out.stderr
 
@@ -223,6 +260,12 @@ class Daemon(Proc):
                 return False
         wait_until(answers, timeout, "tlsbridge to answer ping")
 
+    def wait_subscribed(self, prefix: str = "outbound.", timeout: float = 15.0) -> None:
+        """Until someone subscribes to `prefix` (Kamailio's rtimer does to outbound.): an
+        outcome published before would never reach it."""
+        wait_until(lambda: prefix in self.request("stats").get("subscriptions", []), timeout,
+                   f"a subscriber of {prefix} (Kamailio's rtimer)")
+
     def stop(self, timeout: float = 10.0) -> None:
         self.client.close()
         super().stop(timeout)
@@ -241,7 +284,14 @@ class EventTap:
         self._sock.connect(endpoint)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-        time.sleep(0.2)  # ZeroMQ's slow joiner: let the subscription reach the publisher
+        # ZeroMQ's slow joiner: events published before the subscription reaches the daemon
+        # are not ours. The daemon greets each new subscriber of daemon.started with one: once
+        # it is here, so is the subscription.
+        try:
+            self.wait_for(lambda e: e.type == "daemon.started", timeout=10)
+        except BaseException:
+            self.close()
+            raise
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -17,8 +17,8 @@ import pytest
 import trustme
 
 from tests.support.pki import write_crl
+from tests.support.requirements import program, require_engine
 from tests.unit.test_engines import (
-    AVAILABLE,
     EACH,
     PAIRS,
     VERSIONS,
@@ -78,8 +78,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def hashed_dir(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A c_rehash'ed directory holding the CA (not the other CA)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed (apt-get install openssl)")
+    program("openssl")
     d = tmp_path_factory.mktemp("capath")
     shutil.copy(certs / "ca.pem", d / "ca.pem")
     subprocess.run(["openssl", "rehash", str(d)], check=True, capture_output=True)
@@ -297,8 +296,7 @@ def test_sni_profile_optional_no_ca(srv_engine: str, certs: Path) -> None:
 ])
 def test_sni_profiles_must_agree_on_what_is_settled_first(certs: Path, engine: str, key: str,
                                                           value: Any) -> None:
-    if AVAILABLE[engine] is not None:
-        pytest.skip(f"{engine}: {AVAILABLE[engine]}")
+    require_engine(engine)
     kw: dict[str, Any] = {key: value}
     if key == "verify_client":
         kw["ca_list"] = certs / "ca.pem"
@@ -423,7 +421,7 @@ def test_openssl_refuses_tls13_ciphersuites(certs: Path) -> None:
             "openssl", profile(certs, tls13_ciphersuites="TLS_AES_128_GCM_SHA256"))
 
 
-@pytest.mark.skipif(AVAILABLE["gnutls"] is not None, reason=f"gnutls: {AVAILABLE['gnutls']}")
+@pytest.mark.needs_engine("gnutls")
 def test_gnutls_tls13_ciphersuites_and_tls12_share_one_cipher_list(certs: Path) -> None:
     with pytest.raises(ConfigError, match=r"'tls13_ciphersuites' alone would restrict TLS 1.2"):
         server_engine_factory("gnutls", profile(certs, tls13_ciphersuites="TLS_AES_128_GCM_SHA256"))
@@ -476,7 +474,7 @@ def test_several_groups(srv_engine: str, cli_kind: str, certs: Path) -> None:
             assert err is not None and not srv.handshake_done
 
 
-@pytest.mark.skipif(AVAILABLE["gnutls"] is not None, reason=f"gnutls: {AVAILABLE['gnutls']}")
+@pytest.mark.needs_engine("gnutls")
 @each_restricted_client
 def test_gnutls_groups_follow_the_sni_profile(cli_kind: str, certs: Path) -> None:
     def srv() -> TlsEngine:
@@ -603,7 +601,7 @@ def test_client_profile_openssl_refuses_tls13_ciphersuites(certs: Path) -> None:
         out("openssl", certs, tls13_ciphersuites="TLS_AES_128_GCM_SHA256")
 
 
-@pytest.mark.skipif(AVAILABLE["gnutls"] is not None, reason=f"gnutls: {AVAILABLE['gnutls']}")
+@pytest.mark.needs_engine("gnutls")
 def test_client_profile_gnutls_tls13_ciphersuites_need_tls12_ciphers(certs: Path) -> None:
     # The same rule as for a server profile: one cipher list for TLS 1.2 and 1.3.
     with pytest.raises(ConfigError, match=r"client profile 'out'.*'tls13_ciphersuites' alone"):

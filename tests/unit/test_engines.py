@@ -2,13 +2,13 @@
 
 Engines meet in memory (client engine X against server engine Y, all pairs), and over a real
 localhost socket against `openssl s_client` and `gnutls-cli` (apt packages openssl, gnutls-bin).
-An engine that cannot run here is skipped with the reason `registry.available()` gives.
+An engine or tool that cannot run here fails its tests with the reason `registry.available()`
+gives (a recorded skip with TLSBRIDGE_TEST_ALLOW_MISSING=1: tests/support/requirements.py).
 """
 
 from __future__ import annotations
 
 import random
-import shutil
 import socket
 import subprocess
 import threading
@@ -30,18 +30,13 @@ VERSIONS = ("TLSv1.2", "TLSv1.3")
 
 
 def _engine_param(name: str) -> Any:
-    reason = AVAILABLE[name]
-    return pytest.param(
-        name, id=name, marks=pytest.mark.skipif(reason is not None, reason=f"{name}: {reason}")
-    )
+    # Always collected: an engine that does not load here fails (tests/conftest.py).
+    return pytest.param(name, id=name, marks=pytest.mark.needs_engine(name))
 
 
 def _pair_param(cli: str, srv: str) -> Any:
-    reasons = [f"{n}: {AVAILABLE[n]}" for n in dict.fromkeys((cli, srv)) if AVAILABLE[n]]
-    return pytest.param(
-        cli, srv, id=f"{cli}-to-{srv}", marks=pytest.mark.skipif(bool(reasons), reason="; ".join(
-            reasons))
-    )
+    return pytest.param(cli, srv, id=f"{cli}-to-{srv}",
+                        marks=[pytest.mark.needs_engine(n) for n in dict.fromkeys((cli, srv))])
 
 
 EACH = [_engine_param(n) for n in ENGINES]
@@ -50,17 +45,16 @@ pair_params = pytest.mark.parametrize(("cli_engine", "srv_engine"), PAIRS)
 each_server = pytest.mark.parametrize("srv_engine", EACH)
 each_version = pytest.mark.parametrize("version", VERSIONS)
 
-# Facts or modes an engine cannot provide, with the reason.
-CANNOT: dict[tuple[str, str], str] = {
-    ("openssl", "optional_no_ca"): "the stdlib ssl module cannot accept a certificate that "
-    "failed verification",
+# Modes an engine refuses by design (test_openssl_refuses_optional_no_ca proves the refusal):
+# pairs whose server engine is one of these are not collected for that mode.
+REFUSES: dict[str, tuple[str, ...]] = {
+    "optional_no_ca": ("openssl",),  # the stdlib ssl module cannot accept a certificate that
+                                     # failed verification
 }
 
 
-def skip_if_cannot(engine: str, what: str) -> None:
-    reason = CANNOT.get((engine, what))
-    if reason:
-        pytest.skip(f"{engine} cannot do {what}: {reason}")
+def pairs_for(mode: str) -> list[Any]:
+    return [p for p in PAIRS if p.values[1] not in REFUSES[mode]]
 
 
 # ---- certificates -----------------------------------------------------------------------
@@ -351,12 +345,11 @@ def test_untrusted_client_certificate(cli_engine: str, srv_engine: str, certs: P
     assert not srv.handshake_done
 
 
-@pair_params
+@pytest.mark.parametrize(("cli_engine", "srv_engine"), pairs_for("optional_no_ca"))
 @each_version
 @pytest.mark.parametrize("who", ["rogue", "client", None])
 def test_optional_no_ca(cli_engine: str, srv_engine: str, certs: Path, version: str,
                         who: str | None) -> None:
-    skip_if_cannot(srv_engine, "optional_no_ca")
     cli, srv = connected(cli_engine, srv_engine, certs, cli_kw={"who": who},
                          ca_list=certs / "ca.pem", verify_client="optional_no_ca",
                          min_version=version, max_version=version)
@@ -543,7 +536,7 @@ def test_missing_pyopenssl_is_a_reason_not_a_crash(monkeypatch: pytest.MonkeyPat
     assert reason is not None and reason.startswith("pyOpenSSL cannot be imported")
 
 
-@pytest.mark.skipif(AVAILABLE["gnutls"] is not None, reason=f"gnutls: {AVAILABLE['gnutls']}")
+@pytest.mark.needs_engine("gnutls")
 def test_gnutls_refuses_a_cipher_string_it_cannot_express(certs: Path) -> None:
     # Priorities enable kx x cipher x MAC: these two suites would bring in two more.
     with pytest.raises(ConfigError, match=r"would also enable .*ECDHE-RSA-AES256-GCM-SHA384"):
@@ -551,7 +544,7 @@ def test_gnutls_refuses_a_cipher_string_it_cannot_express(certs: Path) -> None:
             certs, ciphers="ECDHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384"))
 
 
-@pytest.mark.skipif(AVAILABLE["gnutls"] is not None, reason=f"gnutls: {AVAILABLE['gnutls']}")
+@pytest.mark.needs_engine("gnutls")
 def test_gnutls_callback_exception_becomes_tls_error(certs: Path) -> None:
     class Boom(bytearray):
         def __getitem__(self, key: Any) -> Any:
@@ -565,7 +558,7 @@ def test_gnutls_callback_exception_becomes_tls_error(certs: Path) -> None:
     assert "pull callback failed: RuntimeError('boom')" in info.value.detail
 
 
-@pytest.mark.skipif(AVAILABLE["gnutls"] is not None, reason=f"gnutls: {AVAILABLE['gnutls']}")
+@pytest.mark.needs_engine("gnutls")
 def test_gnutls_free(certs: Path) -> None:
     srv = server("gnutls", certs)
     srv.free()  # type: ignore[attr-defined]
@@ -668,8 +661,7 @@ def _tool_command(tool: str, port: int, certs: Path, version: str, mtls: bool) -
 
 
 TOOLS = [
-    pytest.param(tool, id=tool, marks=pytest.mark.skipif(
-        shutil.which(binary) is None, reason=f"{binary} not installed (apt-get install {pkg})"))
+    pytest.param(tool, id=tool, marks=pytest.mark.needs_program(binary, pkg))
     for tool, binary, pkg in (("openssl", "openssl", "openssl"),
                               ("gnutls", "gnutls-cli", "gnutls-bin"))
 ]
@@ -705,3 +697,20 @@ def test_eof_after_data_already_read(cli_engine: str, srv_engine: str, certs: Pa
     srv.receive_eof()
     assert srv.read() == b""
     assert srv.peer_closed
+
+
+@pair_params
+def test_fin_without_close_notify_leaves_the_other_half_open(cli_engine: str, srv_engine: str,
+                                                             certs: Path) -> None:
+    """A TCP FIN without close_notify ends what the peer sends, not what it is sent: the
+    replies still due to it (Kamailio's, in the relay) must reach it."""
+    cli, srv = connected(cli_engine, srv_engine, certs)
+    cli.write(b"request")
+    pump(cli, srv)
+    assert srv.read() == b"request"
+    srv.receive_eof()  # the client's FIN, no close_notify before it
+    assert srv.read() == b""
+    assert srv.peer_closed
+    srv.write(b"the reply")
+    cli.receive(srv.outgoing())
+    assert cli.read() == b"the reply"

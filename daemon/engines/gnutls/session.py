@@ -392,6 +392,12 @@ class GnuTLSEngine(TlsEngine):
         chunks = []
         got = nonfatal = 0  # bytes in buf; warnings in a row
         while not self.peer_closed:
+            if st.eof and not st.inbuf and not lib.gnutls_record_check_pending(session):
+                # TCP FIN without close_notify after the last whole record: the stream ends
+                # here. (Asked for more, GnuTLS would invalidate the session, and with it the
+                # replies still due to the peer.)
+                self.peer_closed = True
+                break
             before = len(st.inbuf)
             n = lib.gnutls_record_recv(session, base + got, READ_CHUNK - got)
             if n > 0:
