@@ -258,8 +258,10 @@ def _build(path: Path, root: _Section) -> Config:
     listeners = _listeners(root, profiles)
     kam = root.sub("kamailio")
     kam.only("hairpin", "proxy_protocol", "source_ip", "connect_timeout", "sip_address", "cfg",
-             "cluster")
-    kam.get("cluster", bool, False)  # read by Kamailio's side (shared/settings.py)
+             "cluster", "cfg_review")
+    # read by Kamailio's side (shared/settings.py)
+    kam.get("cluster", bool, False)
+    kam.choice("cfg_review", ("refuse", "warn"), "refuse")
     host, port = kam.address("hairpin")
     hairpin = Hairpin(
         host=host,

@@ -93,6 +93,7 @@ class TlsBridge(RoutingMixin, WebSocketMixin):
         cluster: bool | None = None,
     ) -> None:
         settings_trunks: dict[str, Trunk] = {}
+        self.cfg_review = "refuse"
         self.config_path: str | None = None
         self.run_dir = Path(DEFAULT_RUN_DIR)
         if hairpin is None or control is None or events is None:
@@ -105,6 +106,7 @@ class TlsBridge(RoutingMixin, WebSocketMixin):
             tls_public = tls_public if tls_public is not None else settings.tls_public
             sip_address = sip_address or settings.sip_address
             cluster = settings.cluster if cluster is None else cluster
+            self.cfg_review = settings.cfg_review
             settings_trunks = settings.trunks
             self.run_dir = settings.run_dir
             lookup_socket = lookup_socket if lookup_socket is not None else settings.lookup_socket
@@ -170,7 +172,8 @@ class TlsBridge(RoutingMixin, WebSocketMixin):
     def check_kamailio(self, cfg: KamailioCfg | None = None) -> list[Finding]:
         """Call at start-up (mod_init) inside Kamailio: reviews the cfg Kamailio runs, as it
         evaluates it. Logs what it finds and raises KamailioCfgRefused on an error, so that
-        Kamailio does not start with a cfg that would break TLS. Without [kamailio]
+        Kamailio does not start with a cfg that would break TLS ([kamailio] cfg_review =
+        "warn": only logs). Without [kamailio]
         sip_address, Kamailio's one UDP listener is taken."""
         KSR = _ksr()
         if cfg is None:
@@ -197,7 +200,7 @@ class TlsBridge(RoutingMixin, WebSocketMixin):
             elif level == "warning":
                 KSR.warn(f"tlsbridge: {cfg.path}: {message}\n")
         bad = errors(findings)
-        if bad:
+        if bad and self.cfg_review != "warn":
             raise KamailioCfgRefused(f"{cfg.path}: " + "; ".join(bad))
         return findings
 

@@ -43,6 +43,8 @@ class BridgeSettings:
     sip_address: str | None = None
     # one node of several sharing registrations (DMQ): TLS registrations carry a Path to it
     cluster: bool = False
+    # what Kamailio's start-up does with an error in its cfg: "refuse" to start, or "warn"
+    cfg_review: str = "refuse"
     trunks: dict[str, Trunk] = field(default_factory=dict)
     # WSS listeners (transport = "wss"): address -> the address browsers know it by, and
     # address -> the Origin values allowed (None: any). `tls_public` holds the TLS ones only.
@@ -94,6 +96,7 @@ def load_settings(path: str | Path) -> BridgeSettings:
         tls_public=tls_public,
         sip_address=format_addr(*parse_addr(sip, default_port=5060)) if sip else None,
         cluster=bool(raw["kamailio"].get("cluster", False)),
+        cfg_review=str(raw["kamailio"].get("cfg_review", "refuse")),
         trunks=trunks_of(raw, p),
         wss_public=wss_public,
         wss_origins=wss_origins,

@@ -1052,3 +1052,19 @@ def test_only_a_tls_branch_advertises_the_public_tls_address(
     ksr.pvs["$du"] = "sip:192.0.2.8:5060"
     bridge.prepare_branch()
     assert ksr.advertised == (None, None)
+
+
+def test_check_kamailio_refuses_a_cfg_that_breaks_tls_unless_told_to_warn(
+        ksr: testing.FakeKSR, make_bridge: Callable[..., TlsBridge]) -> None:
+    from tlsbridge.kemi.bridge import KamailioCfgRefused
+    from tlsbridge.shared.kamcfg import parse_cfg
+
+    broken = parse_cfg('listen=udp:192.0.2.1:5060\nloadmodule "tls.so"\n'
+                       'loadmodule "app_python3.so"\ncfgengine "python"\n')
+    bridge = make_bridge(sip_address="192.0.2.1:5060")
+    with pytest.raises(KamailioCfgRefused, match="tls.so is loaded"):
+        bridge.check_kamailio(broken)
+    assert any("tls.so is loaded" in text for level, text in ksr.logs if level == "err")
+    bridge.cfg_review = "warn"  # [kamailio] cfg_review = "warn"
+    assert ("error", "tls.so is loaded: TLS is the bridge's job; remove it") in \
+        bridge.check_kamailio(broken)
