@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from tlsbridge.kemi.connection import BridgeConnection, parse_entry
+from tlsbridge.kemi.ksr import ksr as _ksr
 from tlsbridge.kemi.routing import FAILED, RELAY, SUSPENDED, Outcome, RoutingMixin
 from tlsbridge.kemi.websocket import WebSocketMixin, config_mtime
 from tlsbridge.shared import control as ctl
@@ -48,11 +49,6 @@ _LOCAL_CERTS = 64  # our own certificates, parsed once each (profiles x reloads)
 _TLS_MEMO = 64  # distinct TLS facts of map entries, parsed once each (no client certificate)
 RESUME_RETRY_FOR = 2.0  # seconds to keep trying t_continue for a transaction not yet suspended
 
-
-def _ksr() -> Any:
-    import KSR  # only importable inside Kamailio (or with tlsbridge.kemi.testing installed)
-
-    return KSR
 
 
 class KamailioCfgRefused(RuntimeError):

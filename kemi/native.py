@@ -11,7 +11,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from tlsbridge.kemi.bridge import BridgeConnection, TlsBridge, _ksr
+from tlsbridge.kemi.bridge import BridgeConnection, TlsBridge
+from tlsbridge.kemi.ksr import ksr as _ksr
 from tlsbridge.shared.facts import CertInfo, DistinguishedName
 
 XAVP = "tls"  # the facts as $xavp(tls=>version), $xavp(tls=>peer_subject_cn), ...

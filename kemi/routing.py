@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
+from tlsbridge.kemi.ksr import ksr as _ksr
 from tlsbridge.kemi.uri import SipUri, parse_uri
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared.addr import (
@@ -51,11 +52,6 @@ class Outcome:
     peer: str | None
     reason: str = ""
 
-
-def _ksr() -> Any:
-    import KSR
-
-    return KSR
 
 
 class RoutingMixin:

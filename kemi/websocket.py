@@ -22,16 +22,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from tlsbridge.kemi.ksr import ksr as _ksr
+
 # The xhttp event route's answers; a refused upgrade never reaches the websocket module.
 _FORBIDDEN = (403, "Forbidden")
 _NOT_FOUND = (404, "Not Found")
 _WS_PROTOS = ("ws", "wss")
 
-
-def _ksr() -> Any:
-    import KSR
-
-    return KSR
 
 
 class WebSocketMixin:
