@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""tlsbridge benchmark: tlsbridge + Kamailio vs HAProxy + Kamailio vs Kamailio's own TLS.
+"""tlsbridge benchmark: tlsbridge + Kamailio vs HAProxy + Kamailio (vs Kamailio's own TLS).
 
-    .venv/bin/python bench/run.py            full run (3 repeats, ~10 minutes), bench/results/
+    .venv/bin/python bench/run.py            full run: both configurations, 3 repeats,
+                                             ~18 minutes, bench/results/
+    .venv/bin/python bench/run.py --rev 42b2a93   the same with tlsbridge as of 42b2a93 (A/B)
     .venv/bin/python bench/run.py --quick    smoke run (1 repeat, 3 s, W3 with 500)
     make bench BENCH_ARGS='--repeats 5'
 
@@ -28,15 +30,13 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from tlsbench import report, setup  # noqa: E402
+from tlsbench import names, report, revs, setup  # noqa: E402
 from tlsbench.procs import Proc, raise_nofile, stop_all, wait_until  # noqa: E402
-from tlsbench.systems import SYSTEMS, Settings, System, running  # noqa: E402
+from tlsbench.systems import Settings, System, Tree, make_system, running  # noqa: E402
 from tlsbench.workloads import run_idle, run_rate, wait_time_wait  # noqa: E402
 
 log = setup.log
-ORDER = ["haproxy", "tlsbridge", "tlsbridge-1w", "kamailio", "tlsbridge-pyopenssl",
-         "tlsbridge-gnutls", "tlsbridge-nofacts"]
-DEFAULT_SYSTEMS = "haproxy,tlsbridge,kamailio,tlsbridge-pyopenssl,tlsbridge-gnutls"
+DEFAULT_SYSTEMS = "haproxy,tlsbridge"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,9 +57,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="N > 1: unpinned run with `[daemon] workers = N` and HAProxy "
                         "nbthread N (multi-worker scaling)")
     p.add_argument("--systems", default=DEFAULT_SYSTEMS,
-                   help=f"comma-separated, from {', '.join(ORDER)} (default {DEFAULT_SYSTEMS}; "
-                        "haproxy is the baseline of every ratio; tlsbridge-nofacts is a "
-                        "diagnostic: OPTIONS answered without the TLS facts look-up)")
+                   help=f"comma-separated, from {', '.join(names.BASES)}, and tlsbridge@REV "
+                        f"(tlsbridge as of git commit REV) (default {DEFAULT_SYSTEMS}; haproxy "
+                        "is the baseline of every ratio); each runs in every --config")
+    p.add_argument("--config", choices=(*names.CONFIGS, "both"), default="both",
+                   help="reference: Kamailio runs kamailio-cfg/routing.py (reads the TLS "
+                        "facts); alone: bench/kamailio/routing_nofacts.py (bridge alone, no "
+                        "facts); both (default)")
+    p.add_argument("--rev", action="append", default=[], metavar="REV",
+                   help="also run tlsbridge@REV: daemon, KEMI module, kamailio.cfg and scripts "
+                        "as of git commit REV, built once into bench/build/rev-<sha>/ "
+                        "(repeatable)")
     p.add_argument("--workloads", default="w1,w2,w3", help="comma-separated subset of w1,w2,w3")
     p.add_argument("--daemon-log-level", default="warning",
                    choices=("debug", "info", "warning", "error"),
@@ -69,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the generator verifies the server certificate (client CPU only)")
     p.add_argument("--profile", nargs="?", const="w1", choices=("w1", "w2"),
                    help="instead of the comparison: py-spy on the daemon under W1 (or W2)")
-    p.add_argument("--max-minutes", type=float, default=30.0,
+    p.add_argument("--max-minutes", type=float, default=45.0,
                    help="stop starting new runs after this long (results so far are kept)")
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default bench/results; --quick: bench/build/quick)")
@@ -82,14 +90,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.idle_sizes = [int(x) for x in args.idle.split(",") if x.strip()]
-    args.system_keys = [s for s in ORDER if s in args.systems.split(",")]
-    unknown = set(args.systems.split(",")) - set(ORDER)
-    if unknown:
-        p.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    configs = names.CONFIGS if args.config == "both" else (args.config,)
+    args.system_keys = names.order([names.system_key(base, config, rev)
+                                    for base, rev in _bases(p, args) for config in configs])
     args.workload_keys = [w for w in ("w1", "w2", "w3") if w in args.workloads.split(",")]
     if args.out is None:
         args.out = BENCH / "build" / "quick" if args.quick else BENCH / "results"
     return args
+
+
+def _bases(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """--systems and --rev as (base system, short commit id or "" for this tree)."""
+    wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
+    out = []
+    for name in wanted + [f"tlsbridge@{rev}" for rev in args.rev]:
+        base, at, rev = name.partition("@")
+        if base not in names.BASES:
+            p.error(f"unknown system {base!r} (known: {', '.join(names.BASES)}, "
+                    "tlsbridge@REV; the configuration is --config)")
+        if at and not base.startswith("tlsbridge"):
+            p.error(f"{name}: only tlsbridge systems run an older commit")
+        if at:
+            try:
+                rev = revs.resolve(rev)[0]
+            except ValueError as exc:
+                p.error(f"{name}: {exc}")
+        out.append((base, rev))
+    return out
 
 
 def _on_signal(signum: int, _frame: object) -> None:
@@ -122,8 +149,10 @@ def _versions() -> dict[str, str]:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, settings: Settings, gen: Path, runs: Path):
+    def __init__(self, args: argparse.Namespace, settings: Settings, gen: Path, runs: Path,
+                 trees: dict[str, Tree]):
         self.args, self.settings, self.gen, self.runs = args, settings, gen, runs
+        self.trees = trees
         self.records: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.deadline = time.monotonic() + args.max_minutes * 60
@@ -139,7 +168,8 @@ class Bench:
             mark = len(self.records)
             t = time.monotonic()
             try:
-                with running(SYSTEMS[key], self.settings, workdir) as system:
+                with running(make_system(key, self.settings, workdir,
+                                         self.trees)) as system:
                     body(system, workdir)
                     crash = system.crash_report()
                     if crash:
@@ -239,7 +269,7 @@ def profile(args: argparse.Namespace, settings: Settings, gen: Path, runs: Path,
     workdir = runs / "profile"
     collapsed = workdir / "collapsed.txt"
     cpus = {1} if settings.pin else None
-    with running(SYSTEMS["tlsbridge"], settings, workdir) as system:
+    with running(make_system("tlsbridge", settings, workdir, {})) as system:
         daemon = system.procs["daemon"].pid
         seconds = int(args.warmup + args.duration + 1)
         spy = Proc("py-spy", [str(pyspy), "record", "-p", str(daemon), "-r", "250",
@@ -292,6 +322,10 @@ def summarize_collapsed(path: Path, top: int = 25) -> str:
     return "\n".join(out)
 
 
+def _revs_of(keys: list[str]) -> list[str]:
+    return list(dict.fromkeys(rev for key in keys if (rev := names.parse_key(key)[1])))
+
+
 def rerender(path: Path) -> int:
     """--report: the Markdown and PNG of an earlier run, from its JSON."""
     data = json.loads(path.read_text())
@@ -300,7 +334,7 @@ def rerender(path: Path) -> int:
         workers=data.get("workers", 1),
         idle_sizes=sorted({int(r["workload"][3:]) for r in records
                            if r["workload"].startswith("w3-")}),
-        system_keys=[s for s in ORDER if any(r["system"] == s for r in records)],
+        system_keys=names.order([r["system"] for r in records]),
         repeats=1 + max(r["repeat"] for r in records),
     )
     bench = argparse.Namespace(records=records, notes=data.get("notes", []))
@@ -314,17 +348,17 @@ def write_report(args: argparse.Namespace, bench: Any, meta: dict[str, str], out
     out.mkdir(parents=True, exist_ok=True)
     suffix = f"-workers{args.workers}" if args.workers > 1 else ""
     base = out / f"results-{stamp}{suffix}"
-    labels = {k: SYSTEMS[k].label for k in SYSTEMS}
     metrics = report.metrics_for(args.idle_sizes)
     systems = args.system_keys
     summary = report.summarize(bench.records, systems, metrics, args.repeats)
     title = f"tlsbridge benchmark {stamp}{suffix}"
     png = base.with_suffix(".png")
-    has_chart = report.chart(png, title=title, systems=systems, labels=labels, metrics=metrics,
+    has_chart = report.chart(png, title=title, systems=systems, metrics=metrics,
                              summary=summary)
     md = report.markdown(title=title, meta=meta, records=bench.records, systems=systems,
-                         labels=labels, metrics=metrics, summary=summary,
-                         chart=png.name if has_chart else None, notes=bench.notes)
+                         metrics=metrics, summary=summary,
+                         chart=png.name if has_chart else None, notes=bench.notes,
+                         repeats=args.repeats)
     base.with_suffix(".md").write_text(md)
     base.with_suffix(".json").write_text(json.dumps(
         {"meta": meta, "workers": args.workers, "records": bench.records, "summary": summary,
@@ -371,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             profile(args, settings, gen, runs, args.out, stamp)
             return 0
-        bench = Bench(args, settings, gen, runs)
+        trees = {rev: revs.build(rev, build, install=not args.no_install)
+                 for rev in _revs_of(args.system_keys)}
+        bench = Bench(args, settings, gen, runs, trees)
         try:
             bench.run()
         except KeyboardInterrupt:
@@ -380,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
         meta = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "repeats": str(args.repeats),
+            "configurations": ", ".join(names.CONFIG_TITLES[c] for c in
+                                        report.by_config(args.system_keys)),
+            "this tree": revs.working_tree(),
+            **{f"tlsbridge@{rev}": f"{revs.describe(rev)} (bench/build/{tree.root.parent.name})"
+               for rev, tree in trees.items()},
             "W1": f"{args.conns} persistent connections, closed-loop OPTIONS, "
                   f"{args.duration:g} s after {args.warmup:g} s warm-up",
             "W2": f"new TLS connection (full handshake) + OPTIONS per transaction, "

@@ -1,16 +1,20 @@
 """The systems under test, each started and stopped by the bench on free loopback ports.
 
   tlsbridge   our daemon (`tlsbridge run`) + Kamailio with the reference kamailio-cfg/kamailio.cfg
-              (hairpin listener, tcp_accept_haproxy, tcp_defer_accept=3) and routing.py (KEMI,
-              the real TlsBridge module: OPTIONS replies carry the connection's TLS facts).
+              (hairpin listener, tcp_accept_haproxy, tcp_defer_accept=3) and the configuration's
+              KEMI script (the real TlsBridge module).
   haproxy     HAProxy (`mode tcp`, `bind ... ssl crt`, `server ... send-proxy`) + Kamailio with
-              the same reference cfg and routing.py; routing.py's bridge finds no daemon there.
+              the same reference cfg and script; the script's bridge finds no daemon there.
   kamailio    Kamailio's own tls.so: bench/kamailio/kamailio-tls.cfg (the reference cfg's core
-              settings and modules, a TLS listener instead of the hairpin) + the same routing.py.
+              settings and modules, a TLS listener instead of the hairpin) + the same script.
   tlsbridge-pyopenssl, tlsbridge-gnutls  (not run by default) the daemon on another engine
-  tlsbridge-nofacts  (diagnostic, not run by default) tlsbridge, with routing.py's OPTIONS
-              answered without the facts look-up (bench/kamailio/routing_nofacts.py).
   tlsbridge-1w  (for `--workers N` runs) tlsbridge with one worker: the scaling baseline.
+
+Each runs in one configuration (names.py): "reference", Kamailio runs kamailio-cfg/routing.py
+(OPTIONS replies carry the connection's TLS facts), or "alone",
+bench/kamailio/routing_nofacts.py (OPTIONS answered without the facts look-up). A tlsbridge
+system runs the code of a Tree: this checkout, or an older commit built by revs.py
+(tlsbridge@REV): its daemon, its KEMI module, its kamailio.cfg and its scripts.
 
 All use one ECDSA P-256 certificate, the same number of Kamailio children, and the same shared
 memory size.
@@ -30,11 +34,32 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tlsbench.names import parse_key, system_key
 from tlsbench.procs import Proc, free_port, session_pids, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-REF_CFG = ROOT / "kamailio-cfg"
 BENCH_KAM = ROOT / "bench" / "kamailio"
+SCRIPTS = {"reference": "kamailio-cfg/routing.py", "alone": "bench/kamailio/routing_nofacts.py"}
+
+
+@dataclass(frozen=True)
+class Tree:
+    """Where a system's tlsbridge comes from: this checkout, or an older commit (revs.py)."""
+
+    root: Path  # its kamailio-cfg/ and bench/kamailio/
+    venv: Path  # its tlsbridge is installed here; Kamailio's Python gets it as TLSBRIDGE_VENV
+    python: Path  # runs its daemon
+    rev: str = ""  # "" for this checkout
+
+    def script(self, config: str) -> Path:
+        return self.root / SCRIPTS[config]
+
+    @property
+    def kamailio_cfg(self) -> Path:
+        return self.root / "kamailio-cfg" / "kamailio.cfg"
+
+
+CURRENT = Tree(root=ROOT, venv=Path(sys.prefix), python=Path(sys.executable))
 
 
 @dataclass
@@ -99,12 +124,15 @@ def tls_options(port: int, ca: Path, timeout: float = 2.0) -> str:
 
 
 class System:
-    key = ""
-    label = ""
+    key = ""  # the base system (names.BASES)
 
-    def __init__(self, settings: Settings, workdir: Path) -> None:
+    def __init__(self, settings: Settings, workdir: Path, config: str = "reference",
+                 tree: Tree = CURRENT) -> None:
         self.s = settings
         self.workdir = workdir
+        self.tree = tree
+        self.script = tree.script(config)
+        self.name = system_key(self.key, config, tree.rev)
         self.procs: dict[str, Proc] = {}
         self.tls_port = 0
         self.ctl = ""
@@ -185,13 +213,11 @@ class System:
             return True
 
         try:
-            wait_until(answers, timeout, f"{self.key} to answer OPTIONS over TLS")
+            wait_until(answers, timeout, f"{self.name} to answer OPTIONS over TLS")
         except TimeoutError as exc:
             tails = "\n".join(f"--- {p.name}:\n{p.tail(20)}" for p in self.procs.values())
             raise RuntimeError(f"{exc} (last: {last[0]})\n{tails}") from None
         time.sleep(0.3)
-
-    script = REF_CFG / "routing.py"
 
     def _kamailio(self, cfg: Path, defines: dict[str, str], bridge_config: Path) -> Proc:
         self.ctl = f"unix:{self.workdir}/kamailio_ctl"
@@ -206,7 +232,8 @@ class System:
         for name, value in defines.items():
             argv += ["-A", f"{name}={value}"]
         argv += ["-Y", str(self.workdir), "-P", str(self.workdir / "kamailio.pid")]
-        env = dict(os.environ, TLSBRIDGE_VENV=sys.prefix, TLSBRIDGE_CONFIG=str(bridge_config))
+        env = dict(os.environ, TLSBRIDGE_VENV=str(self.tree.venv),
+                   TLSBRIDGE_CONFIG=str(bridge_config))
         proc = Proc("kamailio", argv, self.workdir / "kamailio.log", env=env, cpus=self.s.cpus)
         self.procs["kamailio"] = proc
 
@@ -234,7 +261,6 @@ cfg_review = "warn"   # this Kamailio serves TLS another way: its cfg is no brid
 
 class TlsBridgeSystem(System):
     key = "tlsbridge"
-    label = "tlsbridge + Kamailio"
     engine = "openssl"
 
     def _start(self) -> None:
@@ -265,14 +291,13 @@ min_version = "TLSv1.2"
 max_version = "TLSv1.3"
 engine = "{self.engine}"
 """)
-        self._kamailio(REF_CFG / "kamailio.cfg", {
+        self._kamailio(self.tree.kamailio_cfg, {
             "SIP_PORT": str(sip), "HAIRPIN_PORT": str(hairpin), "TLS_PORT": str(self.tls_port),
         }, toml)
         self.toml = toml
-        argv = [sys.executable, "-m", "tlsbridge.daemon.cli", "run", "-c", str(toml)]
+        argv = [str(self.tree.python), "-m", "tlsbridge.daemon.cli", "run", "-c", str(toml)]
         self.procs["daemon"] = Proc("daemon", argv, self.workdir / "tlsbridge.log",
                                     cpus=self.s.cpus)
-
 
     def counters(self) -> dict[str, int]:
         from tlsbridge.shared.client import ControlClient
@@ -287,19 +312,10 @@ engine = "{self.engine}"
             client.close()
 
 
-class TlsBridgeNoFactsSystem(TlsBridgeSystem):
-    """Diagnostic: the same, but OPTIONS is answered without the TLS facts look-up."""
-
-    key = "tlsbridge-nofacts"
-    label = "tlsbridge + Kamailio, no facts look-up"
-    script = BENCH_KAM / "routing_nofacts.py"
-
-
 class TlsBridgeOneWorkerSystem(TlsBridgeSystem):
     """The scaling baseline of a `--workers N` run: the same daemon with one worker."""
 
     key = "tlsbridge-1w"
-    label = "tlsbridge, 1 worker + Kamailio"
 
     def _start(self) -> None:
         self.s = replace(self.s, workers=1)
@@ -308,23 +324,20 @@ class TlsBridgeOneWorkerSystem(TlsBridgeSystem):
 
 class TlsBridgePyOpenSSLSystem(TlsBridgeSystem):
     key = "tlsbridge-pyopenssl"
-    label = "tlsbridge (pyopenssl engine) + Kamailio"
     engine = "pyopenssl"
 
 
 class TlsBridgeGnuTLSSystem(TlsBridgeSystem):
     key = "tlsbridge-gnutls"
-    label = "tlsbridge (gnutls engine) + Kamailio"
     engine = "gnutls"
 
 
 class HAProxySystem(System):
     key = "haproxy"
-    label = "HAProxy + Kamailio"
 
     def _start(self) -> None:
         sip, backend, self.tls_port = (free_port(udp_too=True), free_port(), free_port())
-        self._kamailio(REF_CFG / "kamailio.cfg", {
+        self._kamailio(self.tree.kamailio_cfg, {
             "SIP_PORT": str(sip), "HAIRPIN_PORT": str(backend), "TLS_PORT": str(self.tls_port),
         }, self._dummy_bridge_config())
         cfg = self.workdir / "haproxy.cfg"
@@ -354,7 +367,6 @@ backend kamailio
 
 class KamailioTlsSystem(System):
     key = "kamailio"
-    label = "Kamailio tls.so"
 
     def _start(self) -> None:
         sip, self.tls_port = free_port(udp_too=True), free_port()
@@ -379,14 +391,19 @@ require_certificate = no
 
 SYSTEMS: dict[str, type[System]] = {
     cls.key: cls
-    for cls in (HAProxySystem, TlsBridgeSystem, KamailioTlsSystem, TlsBridgeNoFactsSystem,
-                TlsBridgePyOpenSSLSystem, TlsBridgeGnuTLSSystem, TlsBridgeOneWorkerSystem)
+    for cls in (HAProxySystem, TlsBridgeSystem, KamailioTlsSystem, TlsBridgePyOpenSSLSystem,
+                TlsBridgeGnuTLSSystem, TlsBridgeOneWorkerSystem)
 }
 
 
+def make_system(key: str, settings: Settings, workdir: Path, trees: dict[str, Tree]) -> System:
+    """The system a key names (names.py); `trees` has the revisions' code by short id."""
+    base, rev, config = parse_key(key)
+    return SYSTEMS[base](settings, workdir, config, trees[rev] if rev else CURRENT)
+
+
 @contextlib.contextmanager
-def running(cls: type[System], settings: Settings, workdir: Path):  # type: ignore[no-untyped-def]
-    system = cls(settings, workdir)
+def running(system: System):  # type: ignore[no-untyped-def]
     system.start()
     try:
         yield system
