@@ -46,10 +46,11 @@ from tlsbridge.shared.proxy import encode_v1, encode_v2
 if TYPE_CHECKING:
     from tlsbridge.daemon.admission import Gate
     from tlsbridge.daemon.config import Config, Listener
+    from tlsbridge.daemon.engines.openssl_socket import SocketTransport
     from tlsbridge.daemon.publisher import FactsPublisher
     from tlsbridge.daemon.table import ConnectionTable
 
-__all__ = ["InboundRelay", "Relay", "State"]
+__all__ = ["InboundRelay", "Relay", "SocketInboundRelay", "State"]
 
 log = logging.getLogger("tlsbridge")
 
@@ -154,7 +155,7 @@ class Relay(asyncio.Protocol):
         if not self._admitted():
             return
         try:
-            self.engine = self._engine_factory()
+            self.engine = self._new_engine(transport)
         except Exception as exc:  # a broken profile must not take the listener down
             log.error("conn %d: cannot create TLS engine: %s", self.id, exc)
             self.core.close(r.ENGINE_FAILED)  # never registered: published here, not torn down
@@ -402,6 +403,10 @@ class Relay(asyncio.Protocol):
     def kill(self, reason: str = r.KILLED) -> None:
         self.do(self.core.close(reason))
 
+    def tls_failed(self, reason: str, detail: str) -> None:
+        """The TLS side failed outside the pump (a TlsSocket writing, or closing)."""
+        self.do(self.core.close(reason, detail))
+
     def _teardown(self, close: Close) -> None:
         self._closing(close)
         if self._timer:
@@ -425,6 +430,9 @@ class Relay(asyncio.Protocol):
                                              close.detail, self._keys()))
 
     # -- what inbound and outbound relays add -----------------------------------------------
+
+    def _new_engine(self, transport: asyncio.Transport) -> TlsEngine:
+        return self._engine_factory()
 
     def _admitted(self) -> bool:
         """False: the connection was refused (and closed) before any TLS."""
@@ -465,9 +473,8 @@ class InboundRelay(Relay):
         gate = self.gate
         if gate.remote:
             # Nothing is processed until the supervisor, which counts for all workers, says
-            # yes. (uvloop starts reading after connection_made whatever it was told there.)
-            self._held = []
-            self._loop.call_soon(self._pause_for_admission)
+            # yes.
+            self._hold_for_admission()
             self._admission = self._loop.create_task(self._admit_remotely())
             return True
         refusal = gate.admit(self.peer[0])
@@ -475,6 +482,12 @@ class InboundRelay(Relay):
             self._refuse(refusal)
             return False
         return True
+
+    def _hold_for_admission(self) -> None:
+        # uvloop starts reading after connection_made whatever it was told there: keep what
+        # comes meanwhile, and pause once it has.
+        self._held = []
+        self._loop.call_soon(self._pause_for_admission)
 
     def _pause_for_admission(self) -> None:
         self.do(self.core.pause_peer(PAUSED_BY_ADMISSION))
@@ -518,6 +531,17 @@ class InboundRelay(Relay):
     def _proxy_dst(self) -> tuple[str, int]:
         assert self.listener is not None
         return (self.listener.host, self.listener.port)
+
+
+class SocketInboundRelay(InboundRelay):
+    """An inbound relay whose TLS runs on the connection's own socket: its transport is the
+    engine's: a TlsSocket (engines/openssl_socket.py), which reads only once started."""
+
+    def _new_engine(self, transport: asyncio.Transport) -> TlsEngine:
+        return cast("SocketTransport", transport).engine
+
+    def _hold_for_admission(self) -> None:
+        self._pause_for_admission()  # nothing has been read: the TlsSocket is not started
 
 
 _IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux

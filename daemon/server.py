@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import secrets
 import signal
+import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -22,16 +24,18 @@ from tlsbridge.daemon.config import Config, ConfigError, Listener, load_config
 from tlsbridge.daemon.control_ops import ControlOps
 from tlsbridge.daemon.engines.base import TlsEngine
 from tlsbridge.daemon.engines.registry import ClientFactory, listener_engine_factory
+from tlsbridge.daemon.listener import SocketListener
 from tlsbridge.daemon.lookup_server import LookupServer
 from tlsbridge.daemon.outbound import Connector
 from tlsbridge.daemon.publisher import FactsPublisher
-from tlsbridge.daemon.relay import InboundRelay
+from tlsbridge.daemon.relay import InboundRelay, SocketInboundRelay
 from tlsbridge.daemon.rundir import private_run_dir, worker_control_endpoint, worker_events_endpoint
 from tlsbridge.daemon.table import ConnectionTable
 from tlsbridge.shared import control as ctl
 from tlsbridge.shared import events as ev
 from tlsbridge.shared import factsmap
 from tlsbridge.shared import reasons as r
+from tlsbridge.shared.addr import format_addr
 from tlsbridge.shared.settings import lookup_socket_of
 
 log = logging.getLogger("tlsbridge")
@@ -74,7 +78,7 @@ class Server:
         self.src = secrets.token_hex(8)
         self.counters: collections.Counter[str] = collections.Counter()
         self._factories: dict[str, Callable[[], TlsEngine]] = {}
-        self._servers: dict[str, asyncio.Server] = {}
+        self._servers: dict[str, asyncio.Server | SocketListener] = {}
         self._fingerprints: dict[str, str] = {}
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -88,12 +92,30 @@ class Server:
         return InboundRelay(self.table, self.publisher, self.gate, self.config, listener,
                             self._factories[listener.address])
 
+    def _accepted(self, listener: Listener, sock: socket.socket, peer: Any) -> None:
+        factory = self._factories[listener.address]
+        try:
+            tls = factory.on_socket(sock, peer)  # type: ignore[attr-defined]
+        except Exception as exc:  # a broken profile must not take the listener down
+            log.error("cannot start TLS with %s: %s", format_addr(*peer[:2]), exc)
+            self.counters["tls_start_failed"] += 1
+            sock.close()
+            return
+        relay = SocketInboundRelay(self.table, self.publisher, self.gate, self.config,
+                                   listener, factory)
+        relay.connection_made(tls.transport)
+        tls.start(relay)
+
     async def _listen(self, lst: Listener) -> None:
-        loop = asyncio.get_running_loop()
-        self._servers[lst.address] = await loop.create_server(
-            lambda: self._protocol(lst), lst.host, lst.port,
-            reuse_address=True, reuse_port=True, backlog=4096,
-        )
+        if _on_socket(self._factories[lst.address]):
+            # OpenSSL on each connection's own socket (engines/openssl_socket.py).
+            self._servers[lst.address] = SocketListener.bind(
+                lst.host, lst.port, functools.partial(self._accepted, lst))
+        else:
+            self._servers[lst.address] = await asyncio.get_running_loop().create_server(
+                lambda: self._protocol(lst), lst.host, lst.port,
+                reuse_address=True, reuse_port=True, backlog=4096,
+            )
         log.info("listening for %s on %s (profile %s, engine %s)",
                  "TLS" if lst.transport == "tls" else "WSS", lst.address, lst.profile,
                  lst.engine or self.config.profiles[lst.profile].engine)
@@ -196,10 +218,12 @@ class Server:
                     self.publisher.publish(ev.ConfigReloadFailed(str(exc)))
                 raise
             changes = rl.diff(self.config, new, self._fingerprints, fingerprints)
-            old_addresses = set(self._servers)
+            # Gone, or switching between an accept of our own and asyncio's (the engine).
+            dropped = {a for a in self._servers if a not in factories
+                       or _on_socket(factories[a]) != _on_socket(self._factories[a])}
             self.config, self._factories, self._fingerprints = new, factories, fingerprints
             self.connector.reconfigure(new, clients)
-            for address in old_addresses - set(factories):
+            for address in dropped:
                 self._servers.pop(address).close()
             for lst in new.listeners:
                 if lst.address not in self._servers:
@@ -263,6 +287,11 @@ class Server:
             factsmap.remove(factsmap.facts_map_of(self.config.run_dir))
             unlink(self.config.events_endpoint)
             unlink(self.config.control_endpoint)
+
+
+def _on_socket(factory: Callable[[], TlsEngine]) -> bool:
+    """The engine can run on an accepted socket of its own (engines/openssl_socket.py)."""
+    return hasattr(factory, "on_socket")
 
 
 async def _main(config: Config, worker: tuple[int, int] | None, generation: int) -> None:

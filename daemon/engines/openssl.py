@@ -25,7 +25,7 @@ from tlsbridge.shared.addr import is_ip
 from tlsbridge.shared.facts import CertInfo, TlsFacts
 
 __all__ = [
-    "SERVER_VERIFY_MODES", "OpenSSLEngine", "client_context", "facts_from_ssl",
+    "SERVER_VERIFY_MODES", "OpenSSLEngine", "SocketConnection", "client_context", "facts_from_ssl",
     "listener_context", "server_context",
 ]
 
@@ -46,12 +46,21 @@ class _Connection(ssl.SSLObject):
     refused: str | None = None  # why the server-name callback refused the name
 
 
+class SocketConnection(ssl.SSLSocket):
+    """The same for a connection on its own socket (engines/openssl_socket.py)."""
+
+    sni: str | None = None
+    profile = ""
+    refused: str | None = None
+
+
 # ---- contexts ---------------------------------------------------------------------------
 
 
 def _base(where: str, profile: ServerProfile | ClientProfile, protocol: int) -> ssl.SSLContext:
     ctx = ssl.SSLContext(protocol)
     ctx.sslobject_class = _Connection
+    ctx.sslsocket_class = SocketConnection
     if keylog.path():
         ctx.keylog_filename = keylog.path()
     ctx.minimum_version = _VERSIONS[profile.min_version]

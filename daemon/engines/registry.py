@@ -16,6 +16,7 @@ from tlsbridge.daemon.config import ClientProfile, ConfigError, ServerProfile
 from tlsbridge.daemon.engines import openssl
 from tlsbridge.daemon.engines.base import TlsEngine
 from tlsbridge.daemon.engines.checks import PathLike, usable_certificate
+from tlsbridge.daemon.engines.openssl_socket import ServerEngines
 from tlsbridge.shared.facts import CertInfo
 
 __all__ = [
@@ -75,10 +76,7 @@ def server_engine_factory(name: str, profile: ServerProfile) -> Callable[[], Tls
     _require(name, where)
     local = usable_certificate(where, profile.certificate)
     if name == "openssl":
-        return functools.partial(
-            openssl.OpenSSLEngine, openssl.server_context(profile), server_side=True,
-            local_cert=local,
-        )
+        return ServerEngines(openssl.server_context(profile), local_cert=local)
     if name == "pyopenssl":
         from tlsbridge.daemon.engines import pyopenssl
 
@@ -105,10 +103,8 @@ def listener_engine_factory(
     local = {p.name: usable_certificate(f"profile '{p.name}'", p.certificate)
              for p in (default, *sni_profiles)}
     if name == "openssl":
-        return functools.partial(
-            openssl.OpenSSLEngine,
-            openssl.listener_context(default, sni_profiles, strict=strict_sni),
-            server_side=True, local_cert=local[default.name], local_by_profile=local)
+        return ServerEngines(openssl.listener_context(default, sni_profiles, strict=strict_sni),
+                             local_cert=local[default.name], local_by_profile=local)
     if name == "pyopenssl":
         from tlsbridge.daemon.engines import pyopenssl
 
