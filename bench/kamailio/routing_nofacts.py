@@ -1,7 +1,10 @@
-# Bench only (system "tlsbridge-nofacts", a diagnostic): kamailio-cfg/routing.py unchanged,
-# except that OPTIONS is answered 200 without asking the bridge for the connection's TLS facts.
-# Against the "tlsbridge" system it isolates what the facts look-up costs Kamailio and the
-# daemon; the rtimer route still drains the daemon's events as in production.
+# Bench only (the "bridge alone" configuration, every system of it: haproxy-alone,
+# tlsbridge-alone, tlsbridge@REV-alone): kamailio-cfg/routing.py unchanged, except that OPTIONS
+# is answered 200 without asking the bridge for the connection's TLS facts, so HAProxy +
+# Kamailio and tlsbridge + Kamailio differ only in what sits in front of Kamailio. The rtimer
+# route still drains the daemon's events as in production. It loads the routing.py of its own
+# tree (../../kamailio-cfg/), which imports tlsbridge from $TLSBRIDGE_VENV: a tlsbridge@REV
+# system runs its commit's copy of this file, or this one copied into the commit's tree.
 
 import importlib.util
 import os

@@ -31,7 +31,10 @@ def _git(*args: str) -> str:
 
 def resolve(rev: str) -> tuple[str, str]:
     """(short id, full sha) of a commit-ish; ValueError if git does not know it."""
-    full = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    try:
+        full = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except ValueError:
+        raise ValueError(f"git knows no commit {rev!r} in {ROOT}") from None
     return _git("rev-parse", "--short", full), full
 
 
@@ -43,7 +46,7 @@ def describe(rev: str) -> str:
 def working_tree() -> str:
     """HEAD, and the product's files changed but not committed (what this tree's systems run)."""
     changed = _git("status", "--porcelain", "--", "daemon", "kemi", "shared", "kamailio-cfg")
-    files = sorted({line[3:].split("/")[0] for line in changed.splitlines()})
+    files = sorted({line.split(maxsplit=1)[1].split("/")[0] for line in changed.splitlines()})
     return describe("HEAD") + (f" (uncommitted changes in {', '.join(files)})" if files else "")
 
 
@@ -58,13 +61,17 @@ def _export(full: str, tree: Path) -> None:
 
 
 def _add_missing_scripts(tree: Path) -> None:
-    """A commit older than a configuration's script gets this tree's; the script finds the
-    commit's routing.py beside it, by its own path."""
-    for script in SCRIPTS.values():
-        if not (tree / script).exists():
-            (tree / script).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / script, tree / script)
-            log(f"{tree.parent.name}: no {script} at that commit: using this tree's")
+    """A commit older than the bridge-alone script gets this tree's, which loads the commit's
+    routing.py beside it by its own path; a commit without the reference files cannot run."""
+    for needed in (SCRIPTS["reference"], "kamailio-cfg/kamailio.cfg"):
+        if not (tree / needed).exists():
+            raise SystemExit(f"bench: {tree.parent.name} has no {needed}: it cannot run as a "
+                             "tlsbridge system")
+    alone = SCRIPTS["alone"]
+    if not (tree / alone).exists():
+        (tree / alone).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / alone, tree / alone)
+        log(f"{tree.parent.name}: no {alone} at that commit: using this tree's")
 
 
 def _install(tree: Path, venv: Path) -> None:
