@@ -408,17 +408,22 @@ def main(argv: list[str] | None = None) -> int:
         trees = {rev: revs.build(rev, build, install=not args.no_install)
                  for rev in _revs_of(args.system_keys)}
         bench = Bench(args, settings, gen, runs, trees)
+        code, this_tree = revs.fingerprint(), revs.working_tree()  # as the run starts
         try:
             bench.run()
         except KeyboardInterrupt:
             log("interrupted: stopping everything; writing what was measured")
             bench.notes.append("run interrupted")
+        if revs.fingerprint() != code:
+            bench.notes.append("this tree's code changed during the run (a commit or an edit in "
+                               f"{', '.join(revs.PRODUCT)}): its systems did not all run the "
+                               "same code")
         meta = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "repeats": str(args.repeats),
             "configurations": ", ".join(names.CONFIG_TITLES[c] for c in
                                         report.by_config(args.system_keys)),
-            "this tree": revs.working_tree(),
+            "this tree": this_tree,
             **{f"tlsbridge@{rev}": f"{revs.describe(rev)} (bench/build/{tree.root.parent.name})"
                for rev, tree in trees.items()},
             "W1": f"{args.conns} persistent connections, closed-loop OPTIONS, "

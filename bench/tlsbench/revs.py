@@ -10,6 +10,7 @@ A `ready` file marks a finished build; later runs reuse it.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from tlsbench.setup import log
 from tlsbench.systems import ROOT, SCRIPTS, Tree
 
 SYSTEM_PYTHON = Path("/usr/bin/python3")  # the Python Kamailio's app_python3 embeds
+PRODUCT = ("daemon", "kemi", "shared", "kamailio-cfg", "bench/kamailio")  # what systems run
 
 
 def _git(*args: str) -> str:
@@ -45,9 +47,19 @@ def describe(rev: str) -> str:
 
 def working_tree() -> str:
     """HEAD, and the product's files changed but not committed (what this tree's systems run)."""
-    changed = _git("status", "--porcelain", "--", "daemon", "kemi", "shared", "kamailio-cfg")
+    changed = _git("status", "--porcelain", "--", *PRODUCT)
     files = sorted({line.split(maxsplit=1)[1].split("/")[0] for line in changed.splitlines()})
     return describe("HEAD") + (f" (uncommitted changes in {', '.join(files)})" if files else "")
+
+
+def fingerprint() -> str:
+    """Changes whenever the code this tree's systems run does: HEAD, the product's uncommitted
+    changes and its untracked files (someone may commit or edit during a run)."""
+    h = hashlib.sha1(_git("rev-parse", "HEAD").encode())
+    h.update(_git("diff", "HEAD", "--", *PRODUCT).encode())
+    for name in _git("ls-files", "--others", "--exclude-standard", "--", *PRODUCT).split():
+        h.update(name.encode() + (ROOT / name).read_bytes())
+    return h.hexdigest()
 
 
 def _export(full: str, tree: Path) -> None:
