@@ -265,19 +265,22 @@ class Relay(asyncio.Protocol):
         except OSError as exc:
             self.do(self.core.hairpin_failed(f"cannot bind hairpin source: {_os_reason(exc)}"))
             return
-        # A non-blocking connect watched by the loop, not loop.sock_connect(): uvloop resolves
-        # its address in a thread pool, a thread hand-off per connection.
+        # A non-blocking connect, not loop.sock_connect(): uvloop resolves its address in a
+        # thread pool, a thread hand-off per connection. On loopback the connection is up
+        # when connect() returns, EINPROGRESS or not: the header is tried at once, and the
+        # loop watches the connect only when the socket says it is not up yet.
         hp = self.config.hairpin
         err = sock.connect_ex((hp.host, hp.port))
-        if err == 0:
+        if err == 0 or err == errno.EINPROGRESS:
             self._hairpin_connected(sock)
-        elif err == errno.EINPROGRESS:
-            self._connecting = sock
-            self._loop.add_writer(sock.fileno(), self._hairpin_connect_done, sock)
-            self._timer = self._loop.call_later(hp.connect_timeout, self._hairpin_connect_done,
-                                                sock, "timeout")
         else:
             self._hairpin_connect_failed(sock, os.strerror(err))
+
+    def _watch_connect(self, sock: socket.socket) -> None:
+        self._connecting = sock
+        self._loop.add_writer(sock.fileno(), self._hairpin_connect_done, sock)
+        self._timer = self._loop.call_later(self.config.hairpin.connect_timeout,
+                                            self._hairpin_connect_done, sock, "timeout")
 
     def _hairpin_socket(self) -> socket.socket:
         hp = self.config.hairpin
@@ -319,8 +322,12 @@ class Relay(asyncio.Protocol):
             sock.close()
             return
         try:
-            self._announce(sock)
+            if self.hairpin_key is None:
+                self._announce(sock)
             self._send_header(sock)
+        except BlockingIOError:  # still connecting: the header goes once it is up
+            self._watch_connect(sock)
+            return
         except OSError as exc:
             self._hairpin_connect_failed(sock, _os_reason(exc))
             return
@@ -343,7 +350,11 @@ class Relay(asyncio.Protocol):
         (and us) a wake-up."""
         header = self._proxy_header()
         data = self.core.first_segment(header)
-        sent = sock.send(data)
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            self.core.unsent(data[len(header):])  # all of it waits for the next try
+            raise
         if sent < len(header):
             raise OSError("short write of the PROXY header")
         if sent < len(data):

@@ -128,6 +128,63 @@ def test_kamailio_never_answering_the_connect(tmp_path: Path,
         stuck.close()
 
 
+def test_hairpin_up_late_gets_the_header_and_the_early_bytes(
+        tmp_path: Path, fault_certs: dict[str, Path]) -> None:
+    """Kamailio's accept queue is full when the hairpin connects, so the header cannot go
+    right after connect() (where the daemon tries it first): it waits for the connect, then the
+    PROXY header and what the peer sent meanwhile leave together, and the facts are announced
+    once."""
+    config = lab_config(tmp_path, fault_certs)
+    hairpin = ("127.0.0.1", ports_of(config)[2])
+    stuck = socket.socket()
+    stuck.bind(hairpin)
+    stuck.listen(0)
+    fillers = [socket.socket() for _ in range(4)]
+    try:
+        for f in fillers:
+            f.setblocking(False)
+            f.connect_ex(hairpin)
+        with lab_stack(tmp_path, fault_certs, config=config, with_kamailio=False) as lab:
+            before = syn_sent_to(hairpin[1])
+            ua = lab.ua()
+            peer = format_addr(*ua.local)
+            request = build_request("OPTIONS", f"sip:127.0.0.1:{lab.tls_port}",
+                                    via_proto="TLS", local=ua.local)
+            ua.send(request)
+            wait_until(lambda: syn_sent_to(hairpin[1]) == before + 1, 5,
+                       "the hairpin to be connecting")
+            # Accepting makes room in the queue: a SYN retransmit gets in, the fillers' first.
+            filler_addrs = {f.getsockname() for f in fillers}
+            stuck.settimeout(10)
+            conn = None
+            for _ in range(len(fillers) + 1):
+                candidate, addr = stuck.accept()
+                if addr in filler_addrs:
+                    candidate.close()
+                else:
+                    conn = candidate
+                    break
+            assert conn is not None, "the hairpin never arrived"
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while len(data) < len(request) or b"\r\n" not in data:
+                    more = conn.recv(65536)
+                    assert more, "the hairpin closed early"
+                    data += more
+                header, _, rest = data.partition(b"\r\n")
+                assert header.startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 ")
+                assert rest == request
+            established = lab.events_for(
+                lambda e: e.type == ev.TLS_ESTABLISHED and e.conn.peer == peer)
+            assert len(established) == 1
+            ua.close()
+    finally:
+        for f in fillers:
+            f.close()
+        stuck.close()
+
+
 RESTART_CONNS = 500
 
 

@@ -25,7 +25,6 @@ from tlsbridge.daemon.engines.base import TlsError
 from tlsbridge.daemon.engines.openssl_socket import TlsSocket
 
 
-
 def on_uvloop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
     """Run an async test on uvloop, the daemon's loop."""
 
