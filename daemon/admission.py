@@ -15,25 +15,30 @@ class Admission:
         self.max_connections = max_connections
         self.max_per_ip = max_per_ip  # 0: unlimited
         self.active = 0
-        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.per_ip: dict[str, int] = {}
 
     def admit(self, ip: str) -> str | None:
         """None and counted, or why not: too_many_connections / too_many_from_ip."""
         if self.active >= self.max_connections:
             return "too_many_connections"
-        if self.max_per_ip and self.per_ip[ip] >= self.max_per_ip:
+        per_ip = self.per_ip
+        held = per_ip.get(ip, 0)
+        if self.max_per_ip and held >= self.max_per_ip:
             return "too_many_from_ip"
         self.active += 1
-        self.per_ip[ip] += 1
+        per_ip[ip] = held + 1
         return None
 
     def release(self, ip: str) -> None:
-        if self.per_ip.get(ip, 0) <= 0:
+        per_ip = self.per_ip
+        held = per_ip.get(ip, 0)
+        if held <= 0:
             return  # not admitted here (e.g. before a restart): nothing to give back
         self.active -= 1
-        self.per_ip[ip] -= 1
-        if not self.per_ip[ip]:
-            del self.per_ip[ip]
+        if held == 1:
+            del per_ip[ip]
+        else:
+            per_ip[ip] = held - 1
 
 
 def effective_max_connections(configured: int) -> int:

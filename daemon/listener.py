@@ -63,9 +63,11 @@ class SocketListener:
         return list(self._socks)
 
     def _accept(self, lsock: socket.socket) -> None:
+        family = lsock.family
         for _ in range(ACCEPTS_PER_WAKE):
             try:
-                sock, peer = lsock.accept()
+                # socket.accept() converts family and type to enums per connection
+                fd, peer = lsock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -78,6 +80,7 @@ class SocketListener:
                 self._loop.remove_reader(lsock.fileno())
                 self._loop.call_later(RETRY_DELAY, self._resume, lsock)
                 return
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._on_accept(sock, peer)

@@ -10,13 +10,14 @@ the facts publisher it is given (plus the admission gate or the connector).
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from tlsbridge.daemon.engines.base import TlsEngine, TlsError
 from tlsbridge.daemon.relaycore import (
@@ -46,7 +47,6 @@ from tlsbridge.shared.proxy import encode_v1, encode_v2
 if TYPE_CHECKING:
     from tlsbridge.daemon.admission import Gate
     from tlsbridge.daemon.config import Config, Listener
-    from tlsbridge.daemon.engines.openssl_socket import SocketTransport
     from tlsbridge.daemon.publisher import FactsPublisher
     from tlsbridge.daemon.table import ConnectionTable
 
@@ -104,7 +104,7 @@ class Relay(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._ref: ConnRef | None = None
         self._loop = asyncio.get_running_loop()
-        self._connecting: socket.socket | None = None
+        self._connecting: _socket.socket | None = None
         self._wrapping: asyncio.Task[None] | None = None
         # What the peer sent while its admission is asked for (inbound; a FIN is None). Here,
         # not in InboundRelay: an override of data_received would cost a call per chunk.
@@ -139,8 +139,8 @@ class Relay(asyncio.Protocol):
 
     # -- TLS side ---------------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        # (uvloop's transports are not asyncio.Transport subclasses, but have its methods)
         loop = self._loop
         self._tls = transport
         self.started = loop.time()
@@ -204,7 +204,8 @@ class Relay(asyncio.Protocol):
         try:
             if not engine.handshake_done:
                 done = engine.handshake()
-                self._flush_tls()
+                if not engine.writes_itself:
+                    self._flush_tls()
                 if not done:
                     return
                 self._handshake_complete()
@@ -220,11 +221,14 @@ class Relay(asyncio.Protocol):
             if engine.peer_closed and not core.peer_done:
                 self.do(core.peer_eof())
         except TlsError as exc:
-            self._flush_tls()
+            if not engine.writes_itself:
+                self._flush_tls()
             if engine.handshake_done:
                 self.do(core.close(exc.reason, exc.detail))
             else:
                 self.do(core.handshake_failed(exc.reason, exc.detail))
+            return
+        if engine.writes_itself:
             return
         out = engine.outgoing()
         if out and self._tls is not None:
@@ -255,6 +259,8 @@ class Relay(asyncio.Protocol):
         except TlsError as exc:
             self.do(self.core.close(exc.reason, exc.detail))
             return
+        if engine.writes_itself:
+            return
         out = engine.outgoing()
         if out and self._tls is not None:
             self._tls.write(out)
@@ -276,16 +282,18 @@ class Relay(asyncio.Protocol):
         else:
             self._hairpin_connect_failed(sock, os.strerror(err))
 
-    def _watch_connect(self, sock: socket.socket) -> None:
+    def _watch_connect(self, sock: _socket.socket) -> None:
         self._connecting = sock
         self._loop.add_writer(sock.fileno(), self._hairpin_connect_done, sock)
         self._timer = self._loop.call_later(self.config.hairpin.connect_timeout,
                                             self._hairpin_connect_done, sock, "timeout")
 
-    def _hairpin_socket(self) -> socket.socket:
+    def _hairpin_socket(self) -> _socket.socket:
         hp = self.config.hairpin
         family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # The C socket type: socket.socket's Python __init__ and its family and type enums
+        # (which uvloop reads when it wraps the socket) cost ten calls per connection.
+        sock = _socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -298,7 +306,7 @@ class Relay(asyncio.Protocol):
             raise
         return sock
 
-    def _hairpin_connect_done(self, sock: socket.socket, why: str = "") -> None:
+    def _hairpin_connect_done(self, sock: _socket.socket, why: str = "") -> None:
         self._connecting = None
         self._loop.remove_writer(sock.fileno())
         if self._timer is not None:
@@ -312,12 +320,12 @@ class Relay(asyncio.Protocol):
         else:
             self._hairpin_connected(sock)
 
-    def _hairpin_connect_failed(self, sock: socket.socket, why: str) -> None:
+    def _hairpin_connect_failed(self, sock: _socket.socket, why: str) -> None:
         sock.close()
         hp = self.config.hairpin
         self.do(self.core.hairpin_failed(f"{format_addr(hp.host, hp.port)}: {why}"))
 
-    def _hairpin_connected(self, sock: socket.socket) -> None:
+    def _hairpin_connected(self, sock: _socket.socket) -> None:
         if self.core.state is State.CLOSED:  # killed meanwhile
             sock.close()
             return
@@ -333,7 +341,7 @@ class Relay(asyncio.Protocol):
             return
         self._wrapping = self._loop.create_task(self._wrap_hairpin(sock))
 
-    def _announce(self, sock: socket.socket) -> None:
+    def _announce(self, sock: _socket.socket) -> None:
         """The hairpin's local address is the correlation key Kamailio sees as
         $tcp(c_si):$tcp(c_sp): publish the facts under it before the PROXY header, i.e. before
         Kamailio (tcp_defer_accept) can see a single message of this connection."""
@@ -341,10 +349,11 @@ class Relay(asyncio.Protocol):
         self.hairpin_key = format_addr(host, port)
         self.table.index_hairpin(self)
         assert self.facts is not None
-        self.publisher.map_facts(self.ref, self.facts, port)
-        self.publisher.publish(ev.TlsEstablished(self.ref, self.facts))
+        ref = self.ref
+        self.publisher.map_facts(ref, self.facts, port)
+        self.publisher.publish(ev.TlsEstablished(ref, self.facts))
 
-    def _send_header(self, sock: socket.socket) -> None:
+    def _send_header(self, sock: _socket.socket) -> None:
         """The PROXY header, with what the peer has sent so far, in one segment: Kamailio
         needs the whole header in its first read, and each segment on the hairpin costs it
         (and us) a wake-up."""
@@ -366,31 +375,31 @@ class Relay(asyncio.Protocol):
             return encode_v2(self.peer, dst)
         return encode_v1(self.peer, dst)
 
-    async def _wrap_hairpin(self, sock: socket.socket) -> None:
+    async def _wrap_hairpin(self, sock: _socket.socket) -> None:
         try:
             transport, _ = await self._loop.create_connection(lambda: _HairpinSide(self),
                                                               sock=sock)
         except OSError as exc:
             self._hairpin_connect_failed(sock, _os_reason(exc))
             return
-        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        self._hairpin = transport
-        transport.set_write_buffer_limits(high=self.config.max_buffer)
+        self._hairpin = transport  # type: ignore[assignment]  # uvloop's: no subclass
+        transport.set_write_buffer_limits(high=self.config.max_buffer)  # type: ignore[attr-defined]
         self.do(self.core.hairpin_up())
 
     # -- carrying out what the core decided -------------------------------------------------
 
     def do(self, actions: Actions) -> None:
+        # Dispatch on the exact type (no typing.cast: it is a call per action at run time).
         for action in actions:
             kind = type(action)
             if kind is Close:
-                self._teardown(cast(Close, action))
+                self._teardown(action)  # type: ignore[arg-type]
             elif kind is SendToHairpin:
-                self._hairpin.write(cast(SendToHairpin, action).data)  # type: ignore[union-attr]
+                self._hairpin.write(action.data)  # type: ignore[union-attr]
             elif kind is HalfClose:
-                self._half_close(cast(HalfClose, action).side)
+                self._half_close(action.side)  # type: ignore[union-attr]
             elif kind is PauseReading or kind is ResumeReading:
-                side = cast(PauseReading, action).side
+                side = action.side  # type: ignore[union-attr]
                 transport = self._tls if side is Side.PEER else self._hairpin
                 if transport is not None:
                     if kind is PauseReading:
@@ -406,10 +415,15 @@ class Relay(asyncio.Protocol):
 
     def _half_close(self, side: Side) -> None:
         if side is Side.PEER:
-            self.engine.close()
-            self._flush_tls()
+            self._close_notify()
         elif self._hairpin is not None and self._hairpin.can_write_eof():
             self._hairpin.write_eof()
+
+    def _close_notify(self) -> None:
+        engine = self.engine
+        engine.close()
+        if not engine.writes_itself:
+            self._flush_tls()
 
     def kill(self, reason: str = r.KILLED) -> None:
         self.do(self.core.close(reason))
@@ -430,8 +444,7 @@ class Relay(asyncio.Protocol):
             self._hairpin.close()  # flushes what is buffered first
         if self._tls is not None:
             if self.engine.handshake_done:
-                self.engine.close()
-                self._flush_tls()
+                self._close_notify()
             self._tls.close()
         duration = self._loop.time() - self.started
         self.table.unregister(self)
@@ -549,7 +562,7 @@ class SocketInboundRelay(InboundRelay):
     engine's: a TlsSocket (engines/openssl_socket.py), which reads only once started."""
 
     def _new_engine(self, transport: asyncio.Transport) -> TlsEngine:
-        return cast("SocketTransport", transport).engine
+        return transport.engine  # type: ignore[attr-defined]  # a SocketTransport
 
     def _hold_for_admission(self) -> None:
         self._pause_for_admission()  # nothing has been read: the TlsSocket is not started

@@ -97,6 +97,8 @@ _RESUME_PEER = (ResumeReading(Side.PEER),)
 _PAUSE_HAIRPIN = (PauseReading(Side.HAIRPIN),)
 _RESUME_HAIRPIN = (ResumeReading(Side.HAIRPIN),)
 _CONNECT = (ConnectHairpin(),)
+_FIN_TO_HAIRPIN = HalfClose(Side.HAIRPIN)
+_CLOSE_NOTIFY_TO_PEER = HalfClose(Side.PEER)
 _ABORT_HAIRPIN = (Abort(Side.HAIRPIN),)
 _NOT_PAUSED: frozenset[str] = frozenset()  # one for every relay that reads
 
@@ -179,8 +181,8 @@ class RelayCore:
         if self.state is not State.OPEN:
             return NOTHING  # hairpin_up passes the end on
         if self.hairpin_done:
-            return (HalfClose(Side.HAIRPIN), *self.close(r.CLOSED))
-        return (HalfClose(Side.HAIRPIN),)
+            return (_FIN_TO_HAIRPIN, *self.close(r.CLOSED))
+        return (_FIN_TO_HAIRPIN,)
 
     def peer_lost(self, reset: bool) -> Actions:
         """The peer's TCP connection is gone."""
@@ -250,8 +252,8 @@ class RelayCore:
             return NOTHING
         self.hairpin_done = True
         if self.peer_done:
-            return (HalfClose(Side.PEER), *self.close(r.CLOSED))
-        return (HalfClose(Side.PEER),)
+            return (_CLOSE_NOTIFY_TO_PEER, *self.close(r.CLOSED))
+        return (_CLOSE_NOTIFY_TO_PEER,)
 
     def hairpin_lost(self, reset: bool) -> Actions:
         return self.close(r.KAMAILIO_RESET if reset else r.KAMAILIO_CLOSED)

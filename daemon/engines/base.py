@@ -60,6 +60,8 @@ class TlsEngine(ABC):
 
     peer_closed: bool = False
     handshake_done: bool = False
+    # The engine writes its own socket: outgoing() is always empty and need not be asked.
+    writes_itself: bool = False
 
 
 def verdict(*, peer_cert: bool, verifying: bool, error: str | None) -> tuple[bool, str | None]:

@@ -318,15 +318,20 @@ def facts_from_ssl(
     sni: str | None,
     local: CertInfo | None,
     engine: str = "openssl",
+    verifying: bool | None = None,
 ) -> TlsFacts:
     """Collect the TLS facts of a connection whose handshake has completed.
 
     ``sni`` is what the server side saw in its sni_callback; on the client side pass None
-    to use ``obj.server_hostname``. ``local`` is the certificate we presented.
+    to use ``obj.server_hostname``. ``local`` is the certificate we presented. ``verifying``:
+    whether the peer's certificate was to be verified (None: read from the context).
     Raises ValueError if the handshake has not completed.
     """
-    version = obj.version()
-    cipher = obj.cipher()
+    # The C object behind SSLObject/SSLSocket where there is one: their methods only check
+    # and forward, five calls per connection.
+    c = getattr(obj, "_sslobj", None) or obj
+    version = c.version()
+    cipher = c.cipher()
     if version is None or cipher is None:
         raise ValueError("TLS handshake has not completed")
     name, _proto, bits = cipher
@@ -337,7 +342,7 @@ def facts_from_ssl(
         if host and not is_ip(host):
             sni = host
 
-    der = obj.getpeercert(binary_form=True)
+    der = c.getpeercert(True)
     peer: CertInfo | None = None
     if der is not None:
         try:
@@ -349,9 +354,9 @@ def facts_from_ssl(
 
     # The ssl module aborts the handshake when verification fails, so a finished handshake
     # with verification on means the peer certificate was verified: no error to report.
-    verified, verify_error = verdict(peer_cert=der is not None,
-                                     verifying=obj.context.verify_mode != ssl.CERT_NONE,
-                                     error=None)
+    if verifying is None:
+        verifying = obj.context.verify_mode != ssl.CERT_NONE
+    verified, verify_error = verdict(peer_cert=der is not None, verifying=verifying, error=None)
     return TlsFacts(
         # OpenSSL's few names, shared by every connection's facts (not the peer's SNI: a peer
         # must not grow the interned strings).
@@ -359,8 +364,8 @@ def facts_from_ssl(
         cipher=sys.intern(name),
         cipher_bits=bits,
         sni=sni,
-        alpn=obj.selected_alpn_protocol(),
-        resumed=obj.session_reused,
+        alpn=c.selected_alpn_protocol(),
+        resumed=c.session_reused,
         peer_cert_present=der is not None,
         peer_verified=verified,
         verify_error=verify_error,

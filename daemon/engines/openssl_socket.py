@@ -54,10 +54,12 @@ class TlsSocket(TlsEngine):
     """One accepted connection's TLS on its socket; `start(relay)` begins reading."""
 
     name = "openssl"
+    writes_itself = True
 
     def __init__(self, ctx: ssl.SSLContext, sock: socket.socket, peer: Any, *,
                  local_cert: CertInfo | None = None,
-                 local_by_profile: dict[str, CertInfo] | None = None) -> None:
+                 local_by_profile: dict[str, CertInfo] | None = None,
+                 verifying: bool | None = None) -> None:
         """`sock` is non-blocking and connected; `ctx` is an openssl server context."""
         self._ssl: SocketConnection = ctx.wrap_socket(  # type: ignore[assignment]
             sock, server_side=True, do_handshake_on_connect=False)
@@ -66,6 +68,8 @@ class TlsSocket(TlsEngine):
         self._peer = peer
         self._local_cert = local_cert
         self._local_by_profile = local_by_profile or {}
+        # openssl's SNI profiles share the verify mode (registry.FIXED_BEFORE_SNI)
+        self._verifying = verifying
         self._loop = asyncio.get_running_loop()
         self._relay: TlsSide | None = None
         self._reading = False
@@ -80,6 +84,7 @@ class TlsSocket(TlsEngine):
         self._writer = False
         self._close_when_flushed = False
         self._shutdown_when_flushed = False
+        self._shut = False  # our close_notify went
         self._closed = False
         self.peer_closed = False
         self.handshake_done = False
@@ -271,11 +276,12 @@ class TlsSocket(TlsEngine):
 
     def close(self) -> None:
         """Queue our close_notify (after what is buffered): reading may go on."""
-        if self._closed:
+        if self._closed or self._shut:
             return
         if self._buffered:
             self._shutdown_when_flushed = True
             return
+        self._shut = True
         self._read_ahead()
         try:
             self._c.shutdown()
@@ -304,7 +310,8 @@ class TlsSocket(TlsEngine):
     def facts(self) -> TlsFacts:
         conn = self._ssl
         local = self._local_by_profile.get(conn.profile, self._local_cert)
-        return facts_from_ssl(conn, sni=conn.sni, local=local, engine=self.name)
+        return facts_from_ssl(conn, sni=conn.sni, local=local, engine=self.name,
+                              verifying=self._verifying)
 
     # -- writing when the socket is full ----------------------------------------------------
 
@@ -396,6 +403,7 @@ class ServerEngines:
         self.ctx = ctx
         self._local_cert = local_cert
         self._local_by_profile = local_by_profile
+        self._verifying = ctx.verify_mode != ssl.CERT_NONE
 
     def __call__(self) -> OpenSSLEngine:
         return OpenSSLEngine(self.ctx, server_side=True, local_cert=self._local_cert,
@@ -403,4 +411,4 @@ class ServerEngines:
 
     def on_socket(self, sock: socket.socket, peer: Any) -> TlsSocket:
         return TlsSocket(self.ctx, sock, peer, local_cert=self._local_cert,
-                         local_by_profile=self._local_by_profile)
+                         local_by_profile=self._local_by_profile, verifying=self._verifying)
