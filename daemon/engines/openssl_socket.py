@@ -16,6 +16,7 @@ connection closes with that reason instead of losing it silently.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import socket
@@ -33,6 +34,8 @@ __all__ = ["ServerEngines", "SocketTransport", "TlsSocket"]
 # comes with the next callback); OpenSSL's buffered record is always drained.
 _READS_PER_WAKE = 16
 _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# How long a closed connection's socket waits for the peer's FIN (see _close_gracefully).
+LINGER = 2.0
 _TCP_CLOSE = 7  # tcpi_state of a reset connection (linux/tcp_states.h)
 
 
@@ -86,6 +89,7 @@ class TlsSocket(TlsEngine):
         self._shutdown_when_flushed = False
         self._shut = False  # our close_notify went
         self._closed = False
+        self._linger: asyncio.TimerHandle | None = None
         self.peer_closed = False
         self.handshake_done = False
 
@@ -131,7 +135,44 @@ class TlsSocket(TlsEngine):
         if self._buffered and not self._closed:
             self._close_when_flushed = True
         else:
+            self._close_gracefully()
+
+    def _close_gracefully(self) -> None:
+        """Close once the peer has ended too. Closing a socket with unread data sends an RST,
+        and the peer's kernel may then drop what we sent last (an alert, a close_notify) before
+        the peer reads it: so a FIN goes first, and what the peer still sends is read and
+        dropped until its FIN, for LINGER seconds at most."""
+        if self._closed:
+            return
+        if self.peer_closed:
             self._close_fd()
+            return
+        try:
+            _socket.socket.shutdown(self._ssl, socket.SHUT_WR)
+        except OSError:
+            self._close_fd()
+            return
+        self._close_fd(keep_fd=True)
+        loop = self._loop
+        loop.add_reader(self._fd, self._discard)
+        self._linger = loop.call_later(LINGER, self._end_linger)
+
+    def _discard(self) -> None:
+        try:
+            while _socket.socket.recv(self._ssl, 65536):
+                pass
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._end_linger()  # its FIN (recv returned b""), or it is gone
+
+    def _end_linger(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+            self._loop.remove_reader(self._fd)
+            self._ssl.close()
 
     def abort(self) -> None:
         self._close_fd()
@@ -156,7 +197,8 @@ class TlsSocket(TlsEngine):
         if self._relay is not None and not self._closed:
             self._loop.call_soon(self._relay.tls_failed, reason, detail)
 
-    def _close_fd(self) -> None:
+    def _close_fd(self, keep_fd: bool = False) -> None:
+        """Done with the relay; the fd is closed too unless the caller lingers on it."""
         if self._closed:
             return
         self._closed = True
@@ -167,7 +209,8 @@ class TlsSocket(TlsEngine):
             self._loop.remove_writer(self._fd)
             self._writer = False
         self._retry, self._queue, self._buffered = None, [], 0
-        self._ssl.close()
+        if not keep_fd:
+            self._ssl.close()
 
     # -- the engine side --------------------------------------------------------------------
 
@@ -371,7 +414,7 @@ class TlsSocket(TlsEngine):
             self._shutdown_when_flushed = False
             self.close()
         if self._close_when_flushed:
-            self._close_fd()
+            self._close_gracefully()
 
 
 class SocketTransport:

@@ -232,3 +232,31 @@ async def test_data_on_the_socket_at_our_close_notify_is_delivered(
         assert not rec.saw("tls_failed")
         client.sendall(b" and more")  # reading goes on after our close_notify
         await rec.until(lambda: bytes(rec.data) == b"INVITE in flight and more", "more")
+
+
+@on_uvloop
+async def test_closing_with_unread_data_is_a_fin_not_a_reset(
+        pki: tuple[trustme.CA, Path]) -> None:
+    """A close with unread data would be an RST: a peer still writing then fails before it has
+    read what we sent last (a TLS 1.3 client refused by mutual TLS sends its request before it
+    reads the alert)."""
+    async with pair(pki) as (rec, client):
+        rec.tls.pause_reading()
+        client.sendall(b"never read")
+        await asyncio.sleep(0.1)
+        rec.tls.write(b"last words")
+        rec.tls.close()  # close_notify
+        rec.tls.close_socket()
+        await asyncio.sleep(0.1)
+        client.sendall(b"sent before it read ours")  # after an RST: EPIPE, or EOF in ssl
+
+        def read_to_the_end() -> bytes:
+            out = bytearray()
+            while part := client.recv(1024):
+                out += part
+            return bytes(out)
+
+        assert await asyncio.to_thread(read_to_the_end) == b"last words"
+        socket.socket.shutdown(client, socket.SHUT_WR)
+        await asyncio.sleep(0.1)
+        assert rec.tls._linger is None  # its FIN ended the wait
