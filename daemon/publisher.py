@@ -43,7 +43,8 @@ class FactsPublisher:
     def publish(self, event: ev.TypedEvent) -> None:
         type_, conn, fields = event.TYPE, event.conn, event.wire_fields()
         count_event(self.counters, type_, fields)
-        log_event(type_, conn, fields)
+        if type_ in _WARNINGS or log.isEnabledFor(logging.INFO):  # a call less per event
+            log_event(type_, conn, fields)
         sink = self.sink
         if sink is not None and sink.wants(ev.topic_of(type_, conn)):
             frames = self._encoder.encode(type_, conn, **fields)[1]
@@ -86,6 +87,9 @@ class FactsPublisher:
             self.facts_map.close()
 
 
+_WARNINGS = (ev.TLS_FAILED, ev.HAIRPIN_FAILED)
+
+
 def count_event(counters: collections.Counter[str], type_: str, fields: dict[str, Any]) -> None:
     """The counters `stats` and the metrics read: per type, and per reason for failures."""
     counters[f"events.{type_}"] += 1
@@ -94,7 +98,7 @@ def count_event(counters: collections.Counter[str], type_: str, fields: dict[str
 
 
 def log_event(type_: str, conn: ConnRef | None, fields: dict[str, Any]) -> None:
-    level = logging.WARNING if type_ in (ev.TLS_FAILED, ev.HAIRPIN_FAILED) else logging.INFO
+    level = logging.WARNING if type_ in _WARNINGS else logging.INFO
     if not log.isEnabledFor(level):
         return
     parts = [f"event={type_}"]

@@ -90,7 +90,8 @@ Actions = tuple[Action, ...]
 
 NOTHING: Actions = ()
 # The byte pump's answer: "pass the bytes on" (identity-compared; never carries an action).
-FORWARD: Actions = (Ready(),)
+_READY = Ready()
+FORWARD: Actions = (_READY,)
 
 _PAUSE_PEER = (PauseReading(Side.PEER),)
 _RESUME_PEER = (ResumeReading(Side.PEER),)
@@ -239,7 +240,7 @@ class RelayCore:
         elif self.peer_done:
             actions += self.peer_eof()
         if self.state is State.OPEN:
-            actions.append(Ready())
+            actions.append(_READY)
         return tuple(actions)
 
     def hairpin_failed(self, detail: str) -> Actions:
