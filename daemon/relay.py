@@ -421,7 +421,7 @@ class Relay(asyncio.Protocol):
 
     def _close_notify(self) -> None:
         engine = self.engine
-        engine.close()
+        engine.close_notify()
         if not engine.writes_itself:
             self._flush_tls()
 
@@ -562,7 +562,7 @@ class SocketInboundRelay(InboundRelay):
     engine's: a TlsSocket (engines/openssl_socket.py), which reads only once started."""
 
     def _new_engine(self, transport: asyncio.Transport) -> TlsEngine:
-        return transport.engine  # type: ignore[attr-defined]  # a SocketTransport
+        return transport  # type: ignore[return-value]  # a TlsSocket: its own transport
 
     def _hold_for_admission(self) -> None:
         self._pause_for_admission()  # nothing has been read: the TlsSocket is not started

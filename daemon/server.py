@@ -103,7 +103,7 @@ class Server:
             return
         relay = SocketInboundRelay(self.table, self.publisher, self.gate, self.config,
                                    listener, factory)
-        relay.connection_made(tls.transport)
+        relay.connection_made(tls)  # type: ignore[arg-type]  # its own transport
         tls.start(relay)
 
     async def _listen(self, lst: Listener) -> None:

@@ -47,7 +47,7 @@ class TlsEngine(ABC):
         """Encrypt; the records appear in `outgoing()`."""
 
     @abstractmethod
-    def close(self) -> None:
+    def close_notify(self) -> None:
         """Queue our close_notify."""
 
     @abstractmethod

@@ -295,7 +295,7 @@ class OpenSSLEngine(TlsEngine):
         except ssl.SSLError as exc:
             raise TlsError("tls_error", exc.reason or str(exc)) from None
 
-    def close(self) -> None:
+    def close_notify(self) -> None:
         try:
             self._obj.unwrap()
         except ssl.SSLWantReadError:

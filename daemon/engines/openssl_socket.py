@@ -28,12 +28,13 @@ from tlsbridge.daemon.engines.openssl import OpenSSLEngine, SocketConnection, fa
 from tlsbridge.shared import reasons as r
 from tlsbridge.shared.facts import CertInfo, TlsFacts
 
-__all__ = ["ServerEngines", "SocketTransport", "TlsSocket"]
+__all__ = ["ServerEngines", "TlsSocket"]
 
 # Reads per readiness callback before the loop gets a turn (the fd stays readable, so the rest
 # comes with the next callback); OpenSSL's buffered record is always drained.
 _READS_PER_WAKE = 16
 _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_NO_PROFILES: dict[str, CertInfo] = {}
 # How long a closed connection's socket waits for the peer's FIN (see _close_gracefully).
 LINGER = 2.0
 _TCP_CLOSE = 7  # tcpi_state of a reset connection (linux/tcp_states.h)
@@ -70,17 +71,19 @@ class TlsSocket(TlsEngine):
         self._fd = self._ssl.fileno()
         self._peer = peer
         self._local_cert = local_cert
-        self._local_by_profile = local_by_profile or {}
+        self._local_by_profile = local_by_profile or _NO_PROFILES
         # openssl's SNI profiles share the verify mode (registry.FIXED_BEFORE_SNI)
         self._verifying = verifying
         self._loop = asyncio.get_running_loop()
         self._relay: TlsSide | None = None
         self._reading = False
         self._paused = False
-        self._early: list[bytes] = []  # read ahead of a close_notify, not yet handed over
+        # Containers an idle connection does without (None until needed): what was read ahead
+        # of our close_notify and not yet handed over; what waits behind `_retry`.
+        self._early: list[bytes] | None = None
         # Writing: OpenSSL must be given the same buffer again after it said "want write".
         self._retry: bytes | None = None
-        self._queue: list[bytes] = []
+        self._queue: list[bytes] | None = None
         self._buffered = 0
         self._high = 64 * 1024
         self._writing_paused = False
@@ -94,10 +97,6 @@ class TlsSocket(TlsEngine):
         self.handshake_done = False
 
     # -- the transport side -----------------------------------------------------------------
-
-    @property
-    def transport(self) -> SocketTransport:
-        return SocketTransport(self)
 
     def start(self, relay: TlsSide) -> None:
         self._relay = relay
@@ -129,7 +128,7 @@ class TlsSocket(TlsEngine):
         if self._early or self._c.pending():  # already off the socket: no readiness for it
             self._loop.call_soon(self._readable)
 
-    def close_socket(self) -> None:
+    def close(self) -> None:
         """Stop reading; the socket closes once what is buffered has been written."""
         self.pause_reading()
         if self._buffered and not self._closed:
@@ -208,7 +207,7 @@ class TlsSocket(TlsEngine):
         if self._writer:
             self._loop.remove_writer(self._fd)
             self._writer = False
-        self._retry, self._queue, self._buffered = None, [], 0
+        self._retry, self._queue, self._buffered = None, None, 0
         if not keep_fd:
             self._ssl.close()
 
@@ -247,7 +246,8 @@ class TlsSocket(TlsEngine):
         return True
 
     def read(self) -> bytes:
-        chunks, self._early = self._early, []
+        chunks = self._early or []
+        self._early = None
         c = self._c
         reads = 0
         while not self.peer_closed:
@@ -298,6 +298,8 @@ class TlsSocket(TlsEngine):
         if self._closed:
             return
         if self._retry is not None:
+            if self._queue is None:
+                self._queue = []
             self._queue.append(plaintext)
             self._buffered += len(plaintext)
             self._check_high()
@@ -317,7 +319,7 @@ class TlsSocket(TlsEngine):
         except OSError as exc:
             self._lost(exc)
 
-    def close(self) -> None:
+    def close_notify(self) -> None:
         """Queue our close_notify (after what is buffered): reading may go on."""
         if self._closed or self._shut:
             return
@@ -348,7 +350,7 @@ class TlsSocket(TlsEngine):
         except (TlsError, OSError):
             return  # reading reports it at its next turn
         if data:
-            self._early.append(data)
+            self._early = [data]
 
     def facts(self) -> TlsFacts:
         conn = self._ssl
@@ -407,34 +409,14 @@ class TlsSocket(TlsEngine):
             self._retry = None
             if self._queue:
                 self._retry = b"".join(self._queue)
-                self._queue = []
+                self._queue = None
 
     def _flushed(self) -> None:
         if self._shutdown_when_flushed:
             self._shutdown_when_flushed = False
-            self.close()
+            self.close_notify()
         if self._close_when_flushed:
             self._close_gracefully()
-
-
-class SocketTransport:
-    """The transport face of a TlsSocket, for its relay (`close` there is the engine's
-    close_notify); `engine` is the TlsSocket."""
-
-    __slots__ = ("abort", "close", "engine", "get_extra_info", "pause_reading",
-                 "resume_reading", "set_write_buffer_limits")
-
-    def __init__(self, tls: TlsSocket) -> None:
-        self.engine = tls
-        self.close = tls.close_socket
-        self.abort = tls.abort
-        self.pause_reading = tls.pause_reading
-        self.resume_reading = tls.resume_reading
-        self.get_extra_info = tls.get_extra_info
-        self.set_write_buffer_limits = tls.set_write_buffer_limits
-
-    def write(self, data: bytes) -> None:
-        raise TypeError("a TlsSocket writes its own socket")
 
 
 class ServerEngines:

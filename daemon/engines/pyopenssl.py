@@ -506,7 +506,7 @@ class PyOpenSSLEngine(TlsEngine):
         except SSL.Error as exc:
             raise TlsError("tls_error", _reasons(exc)) from None
 
-    def close(self) -> None:
+    def close_notify(self) -> None:
         with contextlib.suppress(SSL.Error):  # nothing more can be said on a broken session
             self._conn.shutdown()
 

@@ -250,12 +250,12 @@ def test_close_notify(cli_engine: str, srv_engine: str, certs: Path, closer: str
     cli, srv = connected(cli_engine, srv_engine, certs)
     a, b = (cli, srv) if closer == "client" else (srv, cli)
     a.write(b"last words")
-    a.close()
+    a.close_notify()
     pump(a, b)
     assert b.read() == b"last words"
     assert b.peer_closed and not a.peer_closed
     # The other side answers with its own close_notify.
-    b.close()
+    b.close_notify()
     pump(a, b)
     assert a.read() == b""
     assert a.peer_closed
@@ -612,7 +612,7 @@ def _serve_one(sock: socket.socket, engine: TlsEngine, result: dict[str, Any]) -
             result["facts"] = engine.facts()
             result["got"] = got
             engine.write(b"PONG " + got)
-            engine.close()
+            engine.close_notify()
             flush()
             conn.shutdown(socket.SHUT_WR)
             while conn.recv(65536):

@@ -206,8 +206,8 @@ async def test_close_notify_waits_for_the_buffer_then_the_socket_closes(
         payload = b"y" * (8 * 1024 * 1024)  # more than the socket takes at once
         rec.tls.write(payload)
         assert rec.tls._buffered, "the socket took it all: the test proves nothing"
-        rec.tls.close()  # close_notify after the buffer
-        rec.tls.close_socket()
+        rec.tls.close_notify()  # after the buffer
+        rec.tls.close()
 
         def read_all() -> bytes:
             out = bytearray()
@@ -226,7 +226,7 @@ async def test_data_on_the_socket_at_our_close_notify_is_delivered(
         rec.tls.pause_reading()  # so that the data waits on the socket
         client.sendall(b"INVITE in flight")
         await asyncio.sleep(0.1)
-        rec.tls.close()
+        rec.tls.close_notify()
         rec.tls.resume_reading()
         await rec.until(lambda: bytes(rec.data) == b"INVITE in flight", "the data")
         assert not rec.saw("tls_failed")
@@ -245,8 +245,8 @@ async def test_closing_with_unread_data_is_a_fin_not_a_reset(
         client.sendall(b"never read")
         await asyncio.sleep(0.1)
         rec.tls.write(b"last words")
-        rec.tls.close()  # close_notify
-        rec.tls.close_socket()
+        rec.tls.close_notify()
+        rec.tls.close()
         await asyncio.sleep(0.1)
         client.sendall(b"sent before it read ours")  # after an RST: EPIPE, or EOF in ssl
 

@@ -463,7 +463,7 @@ class GnuTLSEngine(TlsEngine):
         self._failure = error
         return error
 
-    def close(self) -> None:
+    def close_notify(self) -> None:
         if self._session is not None and self.handshake_done and self._failure is None:
             # SHUT_WR: queue our close_notify without waiting for the peer's.
             self._lib.gnutls_bye(self._session, SHUT_WR)
