@@ -36,7 +36,8 @@ class FactsPublisher:
         self.facts_map = facts_map
         self._encoder = EventEncoder(src)
         self._noted = noted
-        self._map_slots: dict[int, tuple[int, int]] = {}  # conn id -> (port, index slot)
+        # conn id -> index slot << 16 | port (one int per connection, not a tuple)
+        self._map_slots: dict[int, int] = {}
 
     # -- events -----------------------------------------------------------------------------
 
@@ -68,7 +69,7 @@ class FactsPublisher:
         tls = facts.to_dict(local_by_reference=True)
         slot = self.facts_map.put(port, factsmap.encode_entry(ref, tls))
         if slot:
-            self._map_slots[ref.id] = (port, slot)
+            self._map_slots[ref.id] = slot << 16 | port
         else:
             self.counters["facts_map_too_big"] += 1
 
@@ -78,7 +79,7 @@ class FactsPublisher:
         this would clear."""
         mapped = self._map_slots.pop(conn_id, None)
         if mapped is not None and self.facts_map is not None:
-            self.facts_map.clear(*mapped)
+            self.facts_map.clear(mapped & 0xFFFF, mapped >> 16)
 
     def close(self) -> None:
         if self.sink is not None:

@@ -245,6 +245,7 @@ class Relay(asyncio.Protocol):
     def _handshake_complete(self) -> None:
         if self._timer:
             self._timer.cancel()
+            self._timer = None  # an idle connection keeps no cancelled timer
         self.facts = self.engine.facts()
         self.do(self.core.handshake_done())
 
@@ -383,6 +384,7 @@ class Relay(asyncio.Protocol):
             self._hairpin_connect_failed(sock, _os_reason(exc))
             return
         self._hairpin = transport  # type: ignore[assignment]  # uvloop's: no subclass
+        self._wrapping = None  # done: an idle connection keeps no finished task
         transport.set_write_buffer_limits(high=self.config.max_buffer)  # type: ignore[attr-defined]
         self.do(self.core.hairpin_up())
 

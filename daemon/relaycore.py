@@ -122,7 +122,8 @@ class RelayCore:
         self.max_buffer = max_buffer
         self.bytes_in = 0
         self.bytes_out = 0
-        self._pending: list[bytes] = []
+        # What waits for the hairpin; None once it has gone (an open connection keeps no list).
+        self._pending: list[bytes] | None = []
         self._pending_size = 0
         self._paused_by = _NOT_PAUSED
         self.peer_done = False  # the peer ended its sending (close_notify or FIN)
@@ -142,7 +143,10 @@ class RelayCore:
         self.bytes_in += len(data)
         if self.forwarding:
             return FORWARD
-        self._pending.append(data)
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = []
+        pending.append(data)
         self._pending_size += len(data)
         if self._pending_size > self.max_buffer:
             return self.pause_peer(PAUSED_BY_PENDING)
@@ -211,7 +215,7 @@ class RelayCore:
         """The PROXY header with what the peer has sent so far: one segment, since Kamailio
         needs the whole header in its first read. Call `unsent` with what did not go."""
         data = b"".join((header, *self._pending)) if self._pending else header
-        self._pending = []
+        self._pending = None
         self._pending_size = 0
         return data
 
@@ -231,8 +235,8 @@ class RelayCore:
         actions: list[Action] = []
         if self._pending:
             actions.append(SendToHairpin(b"".join(self._pending)))
-            self._pending = []
-            self._pending_size = 0
+        self._pending = None
+        self._pending_size = 0
         if PAUSED_BY_PENDING in self._paused_by:
             actions += self.resume_peer(PAUSED_BY_PENDING)
         if self.peer_gone:

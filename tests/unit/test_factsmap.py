@@ -111,3 +111,27 @@ def test_the_file_is_not_for_everyone(path: str) -> None:
     factsmap.remove(path)
     factsmap.remove(path)  # twice is fine
     assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("region", [0, 1])
+def test_the_publisher_clears_what_it_mapped_in_any_region(path: str, region: int) -> None:
+    """A worker's slots carry its region in their high bits: the publisher must give back
+    exactly what `put` returned (it once packed them into 32 bits, and worker 1 failed)."""
+    import collections
+
+    from tlsbridge.daemon.publisher import FactsPublisher
+    from tlsbridge.shared.events import ConnRef
+    from tlsbridge.shared.facts import TlsFacts
+
+    publisher = FactsPublisher("src", collections.Counter(),
+                               facts_map=FactsMapWriter(path, region))
+    ref = ConnRef(7, "192.0.2.1:5061", "in", "127.0.0.1:40000", "127.0.0.1:5061")
+    facts = TlsFacts(version="TLSv1.3", cipher="TLS_AES_128_GCM_SHA256", cipher_bits=128,
+                     sni=None, alpn=None, resumed=False, peer_cert_present=False,
+                     peer_verified=False, verify_error="no peer certificate", peer=None,
+                     local=None, engine="openssl")
+    publisher.map_facts(ref, facts, 40000)
+    reader = FactsMapReader(path)
+    assert reader.get(40000) is not None
+    publisher.unmap(7)
+    assert reader.get(40000) is None
